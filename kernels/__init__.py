@@ -1,0 +1,1 @@
+"""Triton kernels of groie-triton, installed as ``groie_triton.kernels``. They know nothing of nn.Modules."""

@@ -1,0 +1,290 @@
+"""Multi-level RoIAlign kernels: one forward and one backward launch for 1 to MAX_LEVELS pyramid levels.
+
+One program per (RoI, channel block). The RoI is read once; for each level the program walks the output bins
+in tiles of BLOCK_BINS x BLOCK_C, samples the bilinear grid and accumulates in fp32 (fp64 for fp64 input)
+registers. MODE says what happens across levels:
+
+    SUM             every level into one accumulator, one write            -> [K, C, ph, pw]
+    PER_LEVEL       every level written to its own slice (concat, stack)   -> strided view
+    MAP_TORCHVISION one level per RoI, torchvision's LevelMapper, in-kernel -> [K, C, ph, pw]
+    MAP_MMDET       one level per RoI, mmdetection's mapping, in-kernel    -> [K, C, ph, pw]
+
+Feature maps are contiguous NCHW or channels_last (CHANNELS_LAST); the launcher makes anything else
+contiguous. Every level is its own pointer (a tuple argument), never a copy of the pyramid into one buffer.
+Offsets are 64-bit. Out-of-range or NaN batch indices, NaN/Inf boxes and empty levels are masked here so
+that nothing is read or written out of bounds and no host check is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+MAX_LEVELS = 8
+
+SUM, PER_LEVEL, MAP_TORCHVISION, MAP_MMDET = 0, 1, 2, 3
+
+# Tiles stay small: a [64 bins x 64 channels] fp32 tile with 2x2 samples was measured at 255 registers and
+# spilled; [8-32 bins x 32-64 channels] tiles do not (see `python -m groie_triton.compile_report`).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 32}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_BINS": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+]
+BWD_CONFIGS = [
+    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 32}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_BINS": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+]
+
+# What changes the best config; never the number of RoIs, so a new batch does not re-tune.
+AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "ADAPTIVE"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _prune_for_interpreter(configs, named_args, **kwargs):
+    # The interpreter has no benchmarker ("0 active drivers"): keep the largest tile, which also interprets
+    # fastest. GPU runs benchmark every config.
+    if _interpreting():
+        return [max(configs, key=lambda c: c.kwargs["BLOCK_BINS"] * c.kwargs["BLOCK_C"])]
+    return configs
+
+
+def _zero_grads(nargs, reset_only=False):
+    # reset_to_zero for a tuple argument: the kernel accumulates with atomic_add, and autotune trials run it
+    # several times; without the reset the first call would return a multiple of the gradient.
+    for grad in nargs["grads"]:
+        grad.zero_()
+
+
+@triton.jit
+def _roi_geometry(rois_ptr, k, N, ACC: tl.constexpr):
+    """Load RoI k; return its batch index (int64), whether that index is valid, and its corners."""
+    row = rois_ptr + k * 5
+    b = tl.load(row).to(ACC)
+    x1 = tl.load(row + 1).to(ACC)
+    y1 = tl.load(row + 2).to(ACC)
+    x2 = tl.load(row + 3).to(ACC)
+    y2 = tl.load(row + 4).to(ACC)
+    # NaN fails both comparisons, so a NaN index is invalid too.
+    b_valid = (b >= 0) & (b < N)
+    b_index = tl.where(b_valid, b, 0).to(tl.int64)
+    return b_index, b_valid, x1, y1, x2, y2
+
+
+@triton.jit
+def _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN: tl.constexpr,
+                  NUM_LEVELS: tl.constexpr, MODE: tl.constexpr):
+    """Index of the one level a RoI is pooled from (mapping modes); -1 when its area is not finite."""
+    size = tl.sqrt((x2 - x1) * (y2 - y1))
+    if MODE == 2:
+        lvl = tl.floor(canonical_level + tl.log2(size / canonical_scale) + 1e-6)
+        lvl = tl.minimum(tl.maximum(lvl, K_MIN), K_MIN + NUM_LEVELS - 1) - K_MIN
+    else:
+        lvl = tl.floor(tl.log2(size / finest_scale + 1e-6))
+        lvl = tl.minimum(tl.maximum(lvl, 0), NUM_LEVELS - 1)
+    # NaN (negative or NaN area) survives minimum/maximum as NaN; it selects no level.
+    return tl.where(lvl == lvl, lvl, -1).to(tl.int32)
+
+
+@triton.jit
+def _level_setup(x1, y1, x2, y2, scale, H, W, sampling_ratio, enabled, PH: tl.constexpr, PW: tl.constexpr,
+                 ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr):
+    """RoI geometry on one level, as torchvision's roi_align computes it, plus the library's guards."""
+    offset = 0.5 if ALIGNED else 0.0
+    start_w = x1 * scale - offset
+    start_h = y1 * scale - offset
+    roi_w = x2 * scale - offset - start_w
+    roi_h = y2 * scale - offset - start_h
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_w = roi_w / PW
+    bin_h = roi_h / PH
+    if ADAPTIVE:
+        # ceil(roi / out) samples per bin; NaN and negative give 0 and the count is capped at the map size
+        # plus 2, so a huge or infinite box costs a bounded loop (only boxes more than out x (map + 2)
+        # pixels long reach the cap).
+        gh = tl.ceil(roi_h / PH)
+        gw = tl.ceil(roi_w / PW)
+        gh = tl.minimum(tl.where(gh > 0, gh, 0), tl.cast(H + 2, ACC)).to(tl.int32)
+        gw = tl.minimum(tl.where(gw > 0, gw, 0), tl.cast(W + 2, ACC)).to(tl.int32)
+    else:
+        gh = tl.cast(sampling_ratio, tl.int32)
+        gw = gh
+    count = tl.cast(tl.maximum(gh * gw, 1), ACC)
+    # A disabled level (bad batch index, empty map, other level chosen) runs no sample.
+    on = enabled & (H > 0) & (W > 0)
+    gh = tl.where(on, gh, 0)
+    gw = tl.where(on, gw, 0)
+    return start_w, start_h, bin_w, bin_h, gh, gw, count
+
+
+@triton.jit
+def _axis_sample(start, bin_size, p_f, i, g, size, ACC: tl.constexpr):
+    """One sample coordinate per bin along an axis: low/high neighbours, weight of the high one, validity."""
+    t = start + p_f * bin_size + ((tl.cast(i, ACC) + 0.5) * bin_size) / tl.cast(g, ACC)
+    inside = (t >= -1.0) & (t <= tl.cast(size, ACC))
+    t = tl.where(inside, tl.maximum(t, 0.0), 0.0)
+    low = t.to(tl.int32)
+    at_edge = low >= size - 1
+    low = tl.where(at_edge, size - 1, low)
+    high = tl.where(at_edge, low, low + 1)
+    t = tl.where(at_edge, low.to(ACC), t)
+    frac = t - low.to(ACC)
+    return low, high, frac, inside
+
+
+@triton.jit
+def _offsets(base, c_offs, C, yy, xx, W, HW, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of [bins, channels] at pixels (yy, xx) of one image (base = its first element)."""
+    pix = yy.to(tl.int64) * W + xx
+    if CHANNELS_LAST:
+        return base + pix[:, None] * C + c_offs[None, :]
+    return base + c_offs[None, :].to(tl.int64) * HW + pix[:, None]
+
+
+@triton.autotune(
+    configs=FWD_CONFIGS,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_for_interpreter},
+)
+@triton.jit
+def _roi_align_fwd_kernel(
+    out_ptr, rois_ptr, feats, heights, widths, scales,
+    N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
+    o_stride_l, o_stride_k, o_stride_c, o_stride_ph, o_stride_pw,
+    PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    b, b_valid, x1, y1, x2, y2 = _roi_geometry(rois_ptr, k, N, ACC)
+    if MODE >= 2:
+        target = _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN,
+                               NUM_LEVELS, MODE)
+    else:
+        target = 0
+    for bin0 in range(0, PH * PW, BLOCK_BINS):
+        bins = bin0 + tl.arange(0, BLOCK_BINS)
+        bin_mask = bins < PH * PW
+        py = bins // PW
+        px = bins % PW
+        acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
+        for lvl in tl.static_range(NUM_LEVELS):
+            # tl.cast: a size of 1 arrives as a specialised constexpr, not a tensor.
+            H = tl.cast(heights[lvl], tl.int32)
+            W = tl.cast(widths[lvl], tl.int32)
+            enabled = b_valid
+            if MODE >= 2:
+                enabled = enabled & (target == lvl)
+            start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
+                x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
+                ADAPTIVE, ACC)
+            HW = H.to(tl.int64) * W
+            base = b * C * HW
+            feat = feats[lvl]
+            lvl_acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
+            for iy in range(0, gh):
+                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
+                hy = 1.0 - ly
+                for ix in range(0, gw):
+                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
+                    hx = 1.0 - lx
+                    m = (y_in & x_in & bin_mask)[:, None] & c_mask[None, :]
+                    v1 = tl.load(feat + _offsets(base, c_offs, C, y_lo, x_lo, W, HW, CHANNELS_LAST), mask=m,
+                                 other=0.0).to(ACC)
+                    v2 = tl.load(feat + _offsets(base, c_offs, C, y_lo, x_hi, W, HW, CHANNELS_LAST), mask=m,
+                                 other=0.0).to(ACC)
+                    v3 = tl.load(feat + _offsets(base, c_offs, C, y_hi, x_lo, W, HW, CHANNELS_LAST), mask=m,
+                                 other=0.0).to(ACC)
+                    v4 = tl.load(feat + _offsets(base, c_offs, C, y_hi, x_hi, W, HW, CHANNELS_LAST), mask=m,
+                                 other=0.0).to(ACC)
+                    lvl_acc += ((hy * hx)[:, None] * v1 + (hy * lx)[:, None] * v2
+                                + (ly * hx)[:, None] * v3 + (ly * lx)[:, None] * v4)
+            if MODE == 1:
+                o = (out_ptr + lvl * o_stride_l + k * o_stride_k + c_offs[None, :].to(tl.int64) * o_stride_c
+                     + (py * o_stride_ph + px * o_stride_pw)[:, None])
+                tl.store(o, (lvl_acc / count).to(out_ptr.dtype.element_ty),
+                         mask=bin_mask[:, None] & c_mask[None, :])
+            else:
+                acc += lvl_acc / count
+        if MODE != 1:
+            o = (out_ptr + k * o_stride_k + c_offs[None, :].to(tl.int64) * o_stride_c
+                 + (py * o_stride_ph + px * o_stride_pw)[:, None])
+            tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=bin_mask[:, None] & c_mask[None, :])
+
+
+@triton.autotune(
+    configs=BWD_CONFIGS,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_for_interpreter},
+    pre_hook=_zero_grads,
+)
+@triton.jit
+def _roi_align_bwd_kernel(
+    grad_out_ptr, rois_ptr, grads, heights, widths, scales,
+    N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
+    g_stride_l, g_stride_k, g_stride_c, g_stride_ph, g_stride_pw,
+    PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    b, b_valid, x1, y1, x2, y2 = _roi_geometry(rois_ptr, k, N, ACC)
+    if MODE >= 2:
+        target = _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN,
+                               NUM_LEVELS, MODE)
+    else:
+        target = 0
+    for bin0 in range(0, PH * PW, BLOCK_BINS):
+        bins = bin0 + tl.arange(0, BLOCK_BINS)
+        bin_mask = bins < PH * PW
+        py = bins // PW
+        px = bins % PW
+        tile_mask = bin_mask[:, None] & c_mask[None, :]
+        for lvl in tl.static_range(NUM_LEVELS):
+            # tl.cast: a size of 1 arrives as a specialised constexpr, not a tensor.
+            H = tl.cast(heights[lvl], tl.int32)
+            W = tl.cast(widths[lvl], tl.int32)
+            enabled = b_valid
+            if MODE >= 2:
+                enabled = enabled & (target == lvl)
+            start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
+                x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
+                ADAPTIVE, ACC)
+            HW = H.to(tl.int64) * W
+            base = b * C * HW
+            grad = grads[lvl]
+            g_level = lvl * g_stride_l if MODE == 1 else 0
+            g = tl.load(grad_out_ptr + g_level + k * g_stride_k + c_offs[None, :].to(tl.int64) * g_stride_c
+                        + (py * g_stride_ph + px * g_stride_pw)[:, None],
+                        mask=tile_mask & (gh > 0), other=0.0).to(ACC) / count
+            for iy in range(0, gh):
+                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
+                hy = 1.0 - ly
+                for ix in range(0, gw):
+                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
+                    hx = 1.0 - lx
+                    m = (y_in & x_in)[:, None] & tile_mask
+                    dst = grad.dtype.element_ty
+                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_lo, x_lo, W, HW, CHANNELS_LAST),
+                                  ((hy * hx)[:, None] * g).to(dst), mask=m, sem="relaxed")
+                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_lo, x_hi, W, HW, CHANNELS_LAST),
+                                  ((hy * lx)[:, None] * g).to(dst), mask=m, sem="relaxed")
+                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_hi, x_lo, W, HW, CHANNELS_LAST),
+                                  ((ly * hx)[:, None] * g).to(dst), mask=m, sem="relaxed")
+                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_hi, x_hi, W, HW, CHANNELS_LAST),
+                                  ((ly * lx)[:, None] * g).to(dst), mask=m, sem="relaxed")
