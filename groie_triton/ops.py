@@ -169,6 +169,7 @@ def _kernel_args(features, rois, scales, sampling_ratio, aligned, aggregation, k
         finest_scale=float(finest_scale),
         PH=ph, PW=pw, NUM_LEVELS=len(features), MODE=_MODES[aggregation], K_MIN=int(k_min),
         ALIGNED=bool(aligned), ADAPTIVE=sampling_ratio <= 0, CHANNELS_LAST=channels_last,
+        INDEX64=any(math.prod(f.shape[1:]) >= 2**31 for f in features),
         ACC=_acc_dtype(f0.dtype), enable_fp_fusion=True,
     )
 

@@ -28,19 +28,11 @@ SUM, PER_LEVEL, MAP_TORCHVISION, MAP_MMDET = 0, 1, 2, 3
 
 # Tiles stay small: a [64 bins x 64 channels] fp32 tile with 2x2 samples was measured at 255 registers and
 # spilled; [8-32 bins x 32-64 channels] tiles do not (see `python -m groie_triton.compile_report`).
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 32}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_BINS": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+_TILES = [  # (BLOCK_BINS, BLOCK_C, num_warps): at most 8 accumulator elements per thread
+    (16, 32, 2), (16, 32, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8),
 ]
-BWD_CONFIGS = [
-    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 32}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_BINS": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_BINS": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_BINS": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-]
+FWD_CONFIGS = [triton.Config({"BLOCK_BINS": b, "BLOCK_C": c}, num_warps=w, num_stages=1) for b, c, w in _TILES]
+BWD_CONFIGS = [triton.Config({"BLOCK_BINS": b, "BLOCK_C": c}, num_warps=w, num_stages=1) for b, c, w in _TILES]
 
 # What changes the best config; never the number of RoIs, so a new batch does not re-tune.
 AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "ADAPTIVE"]
@@ -144,12 +136,18 @@ def _axis_sample(start, bin_size, p_f, i, g, size, ACC: tl.constexpr):
 
 
 @triton.jit
-def _offsets(base, c_offs, C, yy, xx, W, HW, CHANNELS_LAST: tl.constexpr):
-    """Element offsets of [bins, channels] at pixels (yy, xx) of one image (base = its first element)."""
-    pix = yy.to(tl.int64) * W + xx
+def _image_level(feat, b, c_offs, C, H, W, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr):
+    """Pointer to image b of a level, the channel part of element offsets, and the stride of one pixel.
+
+    Offsets inside one image are 32-bit unless an image holds 2**31 elements or more (INDEX64); the image's
+    own offset is always 64-bit.
+    """
+    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
+    HW = H.to(IDX) * W
+    img = feat + b * C * HW.to(tl.int64)
     if CHANNELS_LAST:
-        return base + pix[:, None] * C + c_offs[None, :]
-    return base + c_offs[None, :].to(tl.int64) * HW + pix[:, None]
+        return img, c_offs.to(IDX), tl.cast(C, IDX)
+    return img, c_offs.to(IDX) * HW, tl.cast(1, IDX)
 
 
 @triton.autotune(
@@ -163,8 +161,8 @@ def _roi_align_fwd_kernel(
     N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
     o_stride_l, o_stride_k, o_stride_c, o_stride_ph, o_stride_pw,
     PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
-    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -191,25 +189,22 @@ def _roi_align_fwd_kernel(
             start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
                 x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
-            HW = H.to(tl.int64) * W
-            base = b * C * HW
-            feat = feats[lvl]
+            img, chan, pix_stride = _image_level(feats[lvl], b, c_offs, C, H, W, CHANNELS_LAST, INDEX64)
+            chan = chan[None, :]
             lvl_acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
             for iy in range(0, gh):
                 y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
                 hy = 1.0 - ly
+                row_lo = y_lo * W
+                row_hi = y_hi * W
                 for ix in range(0, gw):
                     x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
                     hx = 1.0 - lx
                     m = (y_in & x_in & bin_mask)[:, None] & c_mask[None, :]
-                    v1 = tl.load(feat + _offsets(base, c_offs, C, y_lo, x_lo, W, HW, CHANNELS_LAST), mask=m,
-                                 other=0.0).to(ACC)
-                    v2 = tl.load(feat + _offsets(base, c_offs, C, y_lo, x_hi, W, HW, CHANNELS_LAST), mask=m,
-                                 other=0.0).to(ACC)
-                    v3 = tl.load(feat + _offsets(base, c_offs, C, y_hi, x_lo, W, HW, CHANNELS_LAST), mask=m,
-                                 other=0.0).to(ACC)
-                    v4 = tl.load(feat + _offsets(base, c_offs, C, y_hi, x_hi, W, HW, CHANNELS_LAST), mask=m,
-                                 other=0.0).to(ACC)
+                    v1 = tl.load(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], mask=m, other=0.0).to(ACC)
+                    v2 = tl.load(img + chan + ((row_lo + x_hi) * pix_stride)[:, None], mask=m, other=0.0).to(ACC)
+                    v3 = tl.load(img + chan + ((row_hi + x_lo) * pix_stride)[:, None], mask=m, other=0.0).to(ACC)
+                    v4 = tl.load(img + chan + ((row_hi + x_hi) * pix_stride)[:, None], mask=m, other=0.0).to(ACC)
                     lvl_acc += ((hy * hx)[:, None] * v1 + (hy * lx)[:, None] * v2
                                 + (ly * hx)[:, None] * v3 + (ly * lx)[:, None] * v4)
             if MODE == 1:
@@ -237,8 +232,8 @@ def _roi_align_bwd_kernel(
     N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
     g_stride_l, g_stride_k, g_stride_c, g_stride_ph, g_stride_pw,
     PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
-    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -265,9 +260,8 @@ def _roi_align_bwd_kernel(
             start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
                 x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
-            HW = H.to(tl.int64) * W
-            base = b * C * HW
-            grad = grads[lvl]
+            img, chan, pix_stride = _image_level(grads[lvl], b, c_offs, C, H, W, CHANNELS_LAST, INDEX64)
+            chan = chan[None, :]
             g_level = lvl * g_stride_l if MODE == 1 else 0
             g = tl.load(grad_out_ptr + g_level + k * g_stride_k + c_offs[None, :].to(tl.int64) * g_stride_c
                         + (py * g_stride_ph + px * g_stride_pw)[:, None],
@@ -275,16 +269,69 @@ def _roi_align_bwd_kernel(
             for iy in range(0, gh):
                 y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
                 hy = 1.0 - ly
+                row_lo = y_lo * W
+                row_hi = y_hi * W
                 for ix in range(0, gw):
                     x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
                     hx = 1.0 - lx
                     m = (y_in & x_in)[:, None] & tile_mask
-                    dst = grad.dtype.element_ty
-                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_lo, x_lo, W, HW, CHANNELS_LAST),
-                                  ((hy * hx)[:, None] * g).to(dst), mask=m, sem="relaxed")
-                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_lo, x_hi, W, HW, CHANNELS_LAST),
-                                  ((hy * lx)[:, None] * g).to(dst), mask=m, sem="relaxed")
-                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_hi, x_lo, W, HW, CHANNELS_LAST),
-                                  ((ly * hx)[:, None] * g).to(dst), mask=m, sem="relaxed")
-                    tl.atomic_add(grad + _offsets(base, c_offs, C, y_hi, x_hi, W, HW, CHANNELS_LAST),
-                                  ((ly * lx)[:, None] * g).to(dst), mask=m, sem="relaxed")
+                    tl.atomic_add(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], (hy * hx)[:, None] * g,
+                                  mask=m, sem="relaxed")
+                    tl.atomic_add(img + chan + ((row_lo + x_hi) * pix_stride)[:, None], (hy * lx)[:, None] * g,
+                                  mask=m, sem="relaxed")
+                    tl.atomic_add(img + chan + ((row_hi + x_lo) * pix_stride)[:, None], (ly * hx)[:, None] * g,
+                                  mask=m, sem="relaxed")
+                    tl.atomic_add(img + chan + ((row_hi + x_hi) * pix_stride)[:, None], (ly * lx)[:, None] * g,
+                                  mask=m, sem="relaxed")
+
+
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+# Variants the compile report builds: (name, kernel, constexpr overrides). The GRoIE default case (4 levels,
+# 7x7, sampling_ratio 2, aligned) in both layouts, plus the per-level, level-mapped and adaptive paths.
+_VARIANTS = [
+    ("roi_align_fwd[sum]", "fwd", {}),
+    ("roi_align_fwd[sum,channels_last]", "fwd", {"CHANNELS_LAST": True}),
+    ("roi_align_fwd[stack]", "fwd", {"MODE": PER_LEVEL}),
+    ("roi_align_fwd[map_torchvision]", "fwd", {"MODE": MAP_TORCHVISION}),
+    ("roi_align_fwd[single,adaptive]", "fwd", {"NUM_LEVELS": 1, "ADAPTIVE": True, "ALIGNED": False}),
+    ("roi_align_bwd[sum]", "bwd", {}),
+    ("roi_align_bwd[sum,channels_last]", "bwd", {"CHANNELS_LAST": True}),
+]
+
+
+def compile_specs(dtypes=("float32", "float16", "bfloat16", "float64")) -> list[dict]:
+    """Every (variant, shipped config, dtype) to compile for real GPU targets, for the compile report."""
+    import triton.language as tl
+
+    specs = []
+    for name, which, overrides in _VARIANTS:
+        tuner = _roi_align_fwd_kernel if which == "fwd" else _roi_align_bwd_kernel
+        for dtype in dtypes:
+            t = _TRITON_DTYPES[dtype]
+            constexprs = {"PH": 7, "PW": 7, "NUM_LEVELS": 4, "MODE": SUM, "K_MIN": 2, "ALIGNED": True,
+                          "ADAPTIVE": False, "CHANNELS_LAST": False, "INDEX64": False,
+                          "ACC": tl.float64 if dtype == "float64" else tl.float32, **overrides}
+            levels = constexprs["NUM_LEVELS"]
+            acc_t = "fp64" if dtype == "float64" else "fp32"
+            first, per_level = ("out_ptr", f"*{t}"), f"*{t}"
+            if which == "bwd":
+                first, per_level = ("grad_out_ptr", f"*{t}"), f"*{acc_t}"
+            prefix = "o" if which == "fwd" else "g"
+            signature = {
+                first[0]: first[1], "rois_ptr": "*fp32", ("feats" if which == "fwd" else "grads"):
+                (per_level,) * levels, "heights": ("i32",) * levels, "widths": ("i32",) * levels,
+                "scales": ("fp32",) * levels, "N": "i32", "C": "i32", "sampling_ratio": "i32",
+                "canonical_scale": "fp32", "canonical_level": "fp32", "finest_scale": "fp32",
+                **{f"{prefix}_stride_{s}": "i32" for s in ("l", "k", "c", "ph", "pw")},
+            }
+            for config in tuner.configs:
+                specs.append({
+                    "kernel": name, "fn": tuner.fn, "config": config,
+                    "config_name": "bins{BLOCK_BINS}_c{BLOCK_C}".format(**config.kwargs)
+                    + f"_w{config.num_warps}_s{config.num_stages}",
+                    "dtype": dtype, "signature": {**signature, **{k: "constexpr" for k in constexprs},
+                                                  "BLOCK_BINS": "constexpr", "BLOCK_C": "constexpr"},
+                    "constexprs": {**constexprs, **config.kwargs},
+                })
+    return specs
