@@ -46,7 +46,7 @@ def _prune_for_interpreter(configs, named_args, **kwargs):
     # The interpreter has no benchmarker ("0 active drivers"): keep the largest tile, which also interprets
     # fastest. GPU runs benchmark every config.
     if _interpreting():
-        return [max(configs, key=lambda c: c.kwargs["BLOCK_BINS"] * c.kwargs["BLOCK_C"])]
+        return [max(configs, key=lambda c: (c.kwargs["BLOCK_BINS"] * c.kwargs["BLOCK_C"], c.kwargs["BLOCK_BINS"]))]
     return configs
 
 
