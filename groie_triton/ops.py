@@ -13,7 +13,6 @@ is what torchvision's fp32 autocast policy buys, without the casts: the kernels 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -195,33 +194,36 @@ def _forward_triton(features, rois, scales, ph, pw, sampling_ratio, aligned, agg
     return out
 
 
-def _check_deterministic_backward() -> None:
-    if torch.are_deterministic_algorithms_enabled():
-        message = ("groie::roi_align_backward (Triton kernel) scatters with floating-point atomic adds and is "
-                   "not deterministic; disable torch.use_deterministic_algorithms or run the reference backend")
-        if torch.is_deterministic_algorithms_warn_only_enabled():
-            warnings.warn(message, stacklevel=3)
-        else:
-            raise RuntimeError(message)
-
-
 def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, aligned, aggregation, k_min,
                      mapping_args):
-    _check_deterministic_backward()
     features, channels_last = _layout(features)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # Half-precision gradients accumulate in float32 buffers: atomics on fp16/bf16 lose the small terms.
-    acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
-    grads = [torch.zeros_like(f, dtype=acc_dtype, memory_format=fmt) for f in features]
     num_rois, channels = rois.shape[0], features[0].shape[1]
-    if grad.numel() > 0 and all(g.numel() > 0 for g in grads[:1]):
-        g_strides = _out_strides(grad, aggregation, channels)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        # Fixed point: int64 atomics, whose sum does not depend on their order. A pixel of one level receives
+        # at most K * ph * pw bin contributions, each at most max|grad|: scale so that this bound fits in 62
+        # bits. The scale is a device tensor: no host synchronisation.
+        headroom = math.ceil(math.log2(num_rois * ph * pw + 1)) + 1
+        amax = grad.detach().abs().amax().double() if grad.numel() else grad.new_zeros((), dtype=torch.float64)
+        fixed_scale = (2.0 ** (62 - headroom) / amax.clamp_min(2.0**-1000)).clamp_max(2.0**120).reshape(1)
+        grads = [torch.zeros_like(f, dtype=torch.int64, memory_format=fmt) for f in features]
+    else:
+        # Half-precision gradients accumulate in float32 buffers: atomics on fp16/bf16 lose the small terms.
+        acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+        grads = [torch.zeros_like(f, dtype=acc_dtype, memory_format=fmt) for f in features]
+        fixed_scale = grad
+    if grad.numel() > 0:
         K._roi_align_bwd_kernel[_grid(num_rois, channels)](
-            grad, grads=tuple(grads),
-            **dict(zip(("g_stride_l", "g_stride_k", "g_stride_c", "g_stride_ph", "g_stride_pw"), g_strides)),
+            grad, grads=tuple(grads), fixed_scale_ptr=fixed_scale, FIXED_POINT=deterministic,
+            **dict(zip(("g_stride_l", "g_stride_k", "g_stride_c", "g_stride_ph", "g_stride_pw"),
+                       _out_strides(grad, aggregation, channels))),
             **_kernel_args(features, rois.contiguous(), scales, sampling_ratio, aligned, aggregation, k_min,
                            mapping_args, ph, pw, channels_last),
         )
+    if deterministic:
+        finite = torch.isfinite(amax)
+        return [torch.where(finite, g.double() / fixed_scale, math.nan).to(f.dtype) for g, f in zip(grads, features)]
     return [g.to(f.dtype) for g, f in zip(grads, features)]
 
 

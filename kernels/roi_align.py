@@ -220,6 +220,22 @@ def _roi_align_fwd_kernel(
             tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=bin_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _scatter(ptrs, value, mask, fixed_scale, FIXED_POINT: tl.constexpr):
+    """Add value into the gradient: a float atomic, or (FIXED_POINT) an int64 atomic of value * fixed_scale.
+
+    Integer addition is associative, so the fixed-point sum does not depend on the order in which the
+    atomics land: the deterministic backward. Non-finite values are dropped here (the launcher turns the
+    whole gradient into NaN when the incoming gradient is not finite).
+    """
+    if FIXED_POINT:
+        q = tl.floor(value * fixed_scale + 0.5)
+        ok = mask & (tl.abs(q) < 4.0e18)
+        tl.atomic_add(ptrs, tl.where(ok, q, 0.0).to(tl.int64), mask=ok, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
 @triton.autotune(
     configs=BWD_CONFIGS,
     key=AUTOTUNE_KEY,
@@ -228,12 +244,12 @@ def _roi_align_fwd_kernel(
 )
 @triton.jit
 def _roi_align_bwd_kernel(
-    grad_out_ptr, rois_ptr, grads, heights, widths, scales,
+    grad_out_ptr, rois_ptr, grads, fixed_scale_ptr, heights, widths, scales,
     N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
     g_stride_l, g_stride_k, g_stride_c, g_stride_ph, g_stride_pw,
     PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
     ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+    FIXED_POINT: tl.constexpr, ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -244,6 +260,7 @@ def _roi_align_bwd_kernel(
                                NUM_LEVELS, MODE)
     else:
         target = 0
+    fixed_scale = tl.load(fixed_scale_ptr).to(ACC) if FIXED_POINT else 1.0
     for bin0 in range(0, PH * PW, BLOCK_BINS):
         bins = bin0 + tl.arange(0, BLOCK_BINS)
         bin_mask = bins < PH * PW
@@ -275,14 +292,14 @@ def _roi_align_bwd_kernel(
                     x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
                     hx = 1.0 - lx
                     m = (y_in & x_in)[:, None] & tile_mask
-                    tl.atomic_add(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], (hy * hx)[:, None] * g,
-                                  mask=m, sem="relaxed")
-                    tl.atomic_add(img + chan + ((row_lo + x_hi) * pix_stride)[:, None], (hy * lx)[:, None] * g,
-                                  mask=m, sem="relaxed")
-                    tl.atomic_add(img + chan + ((row_hi + x_lo) * pix_stride)[:, None], (ly * hx)[:, None] * g,
-                                  mask=m, sem="relaxed")
-                    tl.atomic_add(img + chan + ((row_hi + x_hi) * pix_stride)[:, None], (ly * lx)[:, None] * g,
-                                  mask=m, sem="relaxed")
+                    _scatter(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], (hy * hx)[:, None] * g, m,
+                             fixed_scale, FIXED_POINT)
+                    _scatter(img + chan + ((row_lo + x_hi) * pix_stride)[:, None], (hy * lx)[:, None] * g, m,
+                             fixed_scale, FIXED_POINT)
+                    _scatter(img + chan + ((row_hi + x_lo) * pix_stride)[:, None], (ly * hx)[:, None] * g, m,
+                             fixed_scale, FIXED_POINT)
+                    _scatter(img + chan + ((row_hi + x_hi) * pix_stride)[:, None], (ly * lx)[:, None] * g, m,
+                             fixed_scale, FIXED_POINT)
 
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
@@ -297,6 +314,7 @@ _VARIANTS = [
     ("roi_align_fwd[single,adaptive]", "fwd", {"NUM_LEVELS": 1, "ADAPTIVE": True, "ALIGNED": False}),
     ("roi_align_bwd[sum]", "bwd", {}),
     ("roi_align_bwd[sum,channels_last]", "bwd", {"CHANNELS_LAST": True}),
+    ("roi_align_bwd[sum,deterministic]", "bwd", {"FIXED_POINT": True}),
 ]
 
 
@@ -312,26 +330,23 @@ def compile_specs(dtypes=("float32", "float16", "bfloat16", "float64")) -> list[
             constexprs = {"PH": 7, "PW": 7, "NUM_LEVELS": 4, "MODE": SUM, "K_MIN": 2, "ALIGNED": True,
                           "ADAPTIVE": False, "CHANNELS_LAST": False, "INDEX64": False,
                           "ACC": tl.float64 if dtype == "float64" else tl.float32, **overrides}
-            levels = constexprs["NUM_LEVELS"]
-            acc_t = "fp64" if dtype == "float64" else "fp32"
-            first, per_level = ("out_ptr", f"*{t}"), f"*{t}"
             if which == "bwd":
-                first, per_level = ("grad_out_ptr", f"*{t}"), f"*{acc_t}"
-            prefix = "o" if which == "fwd" else "g"
-            signature = {
-                first[0]: first[1], "rois_ptr": "*fp32", ("feats" if which == "fwd" else "grads"):
-                (per_level,) * levels, "heights": ("i32",) * levels, "widths": ("i32",) * levels,
-                "scales": ("fp32",) * levels, "N": "i32", "C": "i32", "sampling_ratio": "i32",
-                "canonical_scale": "fp32", "canonical_level": "fp32", "finest_scale": "fp32",
-                **{f"{prefix}_stride_{s}": "i32" for s in ("l", "k", "c", "ph", "pw")},
-            }
+                constexprs.setdefault("FIXED_POINT", False)
+            levels = constexprs["NUM_LEVELS"]
+            grad_t = "i64" if constexprs.get("FIXED_POINT") else ("fp64" if dtype == "float64" else "fp32")
+            types = {"out_ptr": f"*{t}", "grad_out_ptr": f"*{t}", "rois_ptr": "*fp32", "feats": (f"*{t}",) * levels,
+                     "grads": (f"*{grad_t}",) * levels, "fixed_scale_ptr": "*fp64", "heights": ("i32",) * levels,
+                     "widths": ("i32",) * levels, "scales": ("fp32",) * levels, "canonical_scale": "fp32",
+                     "canonical_level": "fp32", "finest_scale": "fp32"}
             for config in tuner.configs:
+                values = {**constexprs, **config.kwargs}
                 specs.append({
                     "kernel": name, "fn": tuner.fn, "config": config,
                     "config_name": "bins{BLOCK_BINS}_c{BLOCK_C}".format(**config.kwargs)
                     + f"_w{config.num_warps}_s{config.num_stages}",
-                    "dtype": dtype, "signature": {**signature, **{k: "constexpr" for k in constexprs},
-                                                  "BLOCK_BINS": "constexpr", "BLOCK_C": "constexpr"},
-                    "constexprs": {**constexprs, **config.kwargs},
+                    "dtype": dtype,
+                    "signature": {arg: "constexpr" if arg in values else types.get(arg, "i32")
+                                  for arg in tuner.fn.arg_names},
+                    "constexprs": values,
                 })
     return specs
