@@ -129,7 +129,7 @@ def _dense_levels(y: torch.Tensor) -> torch.Tensor:
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n > 1)
 
 
 def _as_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,632 @@
+"""GRoIE as detection users configure it: mmdetection's GenericRoIExtractor and a torchvision pooler.
+
+GRoIE (Rossi, Karimi, Prati, ICPR 2020) pools every RoI from every pyramid level, runs a shared pre-module
+on each level's RoI features, aggregates the levels (sum or concat) and runs a post-module:
+
+    out = post( sum_l pre( roi_align(feats[l], rois, scale=1/stride_l) ) )        (aggregation="sum")
+
+This module builds that layer from mmdetection's config dicts (so GRoIE checkpoints load with
+``strict=True``) and runs it on the fused ops instead of mmdetection's per-level loop:
+
+- no pre-module: one :func:`~groie_triton.ops.multilevel_roi_align` launch with the sum (or concat) fused;
+- a shared :class:`ConvModule` pre-module: one ``"stack"`` launch, the conv (and a per-sample norm) run ONCE
+  over all L*K RoI features as one batch, then one fused activation + level-sum pass
+  (:func:`groie_triton.kernels.level_sum.level_sum_act`), forward and backward;
+- any other pre-module: one ``"stack"`` launch, then the module on each level.
+
+The results are those of mmdetection's loop. A norm whose output depends on the batch (BatchNorm in
+training mode, an InstanceNorm that tracks running statistics in training mode) is run level by level, as
+the loop runs it, so its statistics and running-stat updates are the loop's too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torchvision.ops import MultiScaleRoIAlign as _TorchvisionMultiScaleRoIAlign
+
+from groie_triton.attention import GeneralizedAttention
+from groie_triton.kernels.level_sum import level_sum_act
+from groie_triton.ops import boxes_to_rois, multilevel_roi_align
+from groie_triton.poolers import RoIAlign, infer_scales, select_features
+
+__all__ = [
+    "ConvModule",
+    "GenericRoIExtractor",
+    "GRoIEPooler",
+    "build_roi_layers",
+    "build_plugin",
+    "groie_paper_cfg",
+]
+
+AGGREGATIONS = ("sum", "concat")
+
+_RELU = MappingProxyType({"type": "ReLU"})
+
+
+# ------------------------------------------------------------------------------------------ cfg helpers
+def _split_type(cfg: Any, key: str, registry: Mapping[str, Any]) -> tuple[Any, dict]:
+    """(registry entry, remaining arguments) of a cfg dict; ValueError naming ``key`` when it is unusable."""
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{key} must be a dict with a 'type' key, got {type(cfg).__name__}")
+    args = dict(cfg)
+    if "type" not in args:
+        raise ValueError(f"{key} has no 'type' key; expected one of {sorted(registry)}")
+    kind = args.pop("type")
+    if kind not in registry:
+        raise ValueError(f"{key}['type'] = {kind!r} is not supported; expected one of {sorted(registry)}")
+    return registry[kind], args
+
+
+def _construct(cls, args: dict, key: str):
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise TypeError(f"{key}: cannot build {cls.__name__} from {args}: {exc}") from exc
+
+
+_CONV_TYPES = {"Conv": nn.Conv2d, "Conv2d": nn.Conv2d}
+# mmcv's names: the attribute a ConvModule stores its norm under is "bn", "gn" or "in".
+_NORM_TYPES = {
+    "BN": (nn.BatchNorm2d, "bn"),
+    "BN2d": (nn.BatchNorm2d, "bn"),
+    "SyncBN": (nn.SyncBatchNorm, "bn"),
+    "GN": (nn.GroupNorm, "gn"),
+    "IN": (nn.InstanceNorm2d, "in"),
+    "IN2d": (nn.InstanceNorm2d, "in"),
+}
+_ACT_TYPES = {
+    "ReLU": nn.ReLU,
+    "LeakyReLU": nn.LeakyReLU,
+    "PReLU": nn.PReLU,
+    "RReLU": nn.RReLU,
+    "ReLU6": nn.ReLU6,
+    "ELU": nn.ELU,
+    "Sigmoid": nn.Sigmoid,
+    "Tanh": nn.Tanh,
+    "GELU": nn.GELU,
+    "SiLU": nn.SiLU,
+    "Swish": nn.SiLU,
+}
+# Activations built with mmcv's `inplace` setting; the others take no such argument.
+_INPLACE_ACTS = {"ReLU", "LeakyReLU", "RReLU", "ReLU6", "ELU", "SiLU", "Swish"}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _build_norm(norm_cfg: Mapping, num_features: int) -> tuple[str, nn.Module]:
+    (cls, name), args = _split_type(norm_cfg, "norm_cfg", _NORM_TYPES)
+    requires_grad = args.pop("requires_grad", True)
+    args.setdefault("eps", 1e-5)
+    if cls is nn.GroupNorm:
+        if "num_groups" not in args:
+            raise ValueError("norm_cfg['num_groups'] is required for type 'GN'")
+        layer = _construct(cls, dict(num_channels=num_features, **args), "norm_cfg")
+    else:
+        layer = _construct(cls, dict(num_features=num_features, **args), "norm_cfg")
+    for param in layer.parameters():
+        param.requires_grad = requires_grad
+    return name, layer
+
+
+class ConvModule(nn.Module):
+    """Conv2d + optional norm + optional activation, with mmcv ConvModule's arguments and state_dict keys.
+
+    Keys: ``conv.weight``, ``conv.bias`` (when there is a bias: by default exactly when there is no norm),
+    the norm under ``bn`` / ``gn`` / ``in`` as mmcv names it, and ``activate.weight`` for PReLU.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as nn.Conv2d.
+        bias: ``"auto"`` (bias iff no norm) or a bool.
+        conv_cfg: None or ``dict(type="Conv2d" | "Conv")``.
+        norm_cfg: None or ``dict(type="BN" | "BN2d" | "SyncBN" | "GN" | "IN" | "IN2d", ...)`` (GN needs
+            ``num_groups``; ``requires_grad`` freezes the norm's affine parameters).
+        act_cfg: None (no activation) or ``dict(type="ReLU" | "LeakyReLU" | "PReLU" | "RReLU" | "ReLU6" |
+            "ELU" | "Sigmoid" | "Tanh" | "GELU" | "SiLU" | "Swish", ...)``; default ReLU.
+        inplace: in-place activation where the activation supports it.
+        with_spectral_norm: wrap the conv in ``torch.nn.utils.spectral_norm``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        order: a permutation of ``("conv", "norm", "act")``.
+
+    Raises:
+        ValueError: an unknown type in a cfg dict (the message names the key), a bad order or padding mode.
+        TypeError: a cfg dict that is not a dict, or arguments its type does not take.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool | str = "auto",
+        conv_cfg: Mapping | None = None,
+        norm_cfg: Mapping | None = None,
+        act_cfg: Mapping | None = _RELU,
+        inplace: bool = True,
+        with_spectral_norm: bool = False,
+        padding_mode: str = "zeros",
+        order: Sequence[str] = ("conv", "norm", "act"),
+    ) -> None:
+        super().__init__()
+        order = tuple(order)
+        if len(order) != 3 or set(order) != {"conv", "norm", "act"}:
+            raise ValueError(f"order must be a permutation of ('conv', 'norm', 'act'), got {order!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if bias != "auto" and not isinstance(bias, bool):
+            raise ValueError(f"bias must be 'auto' or a bool, got {bias!r}")
+        conv_cls, conv_args = nn.Conv2d, {}
+        if conv_cfg is not None:
+            conv_cls, conv_args = _split_type(conv_cfg, "conv_cfg", _CONV_TYPES)
+
+        self.conv_cfg = None if conv_cfg is None else dict(conv_cfg)
+        self.norm_cfg = None if norm_cfg is None else dict(norm_cfg)
+        self.act_cfg = None if act_cfg is None else dict(act_cfg)
+        self.inplace = inplace
+        self.with_spectral_norm = with_spectral_norm
+        self.order = order
+        self.with_norm = norm_cfg is not None
+        self.with_activation = act_cfg is not None
+        self.with_bias = (not self.with_norm) if bias == "auto" else bias
+
+        conv = _construct(
+            conv_cls,
+            dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                 padding=padding, dilation=dilation, groups=groups, bias=self.with_bias,
+                 padding_mode=padding_mode, **conv_args),
+            "conv_cfg",
+        )
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.conv = conv
+
+        if self.with_norm:
+            norm_channels = out_channels if order.index("norm") > order.index("conv") else in_channels
+            self.norm_name, norm = _build_norm(norm_cfg, norm_channels)
+            self.add_module(self.norm_name, norm)
+        else:
+            self.norm_name = None
+
+        if self.with_activation:
+            act_cls, act_args = _split_type(act_cfg, "act_cfg", _ACT_TYPES)
+            if act_cfg["type"] in _INPLACE_ACTS:
+                act_args.setdefault("inplace", inplace)
+            self.activate = _construct(act_cls, act_args, "act_cfg")
+
+        self.reset_parameters()
+        if with_spectral_norm:
+            self.conv = nn.utils.spectral_norm(self.conv)
+
+    @property
+    def norm(self) -> nn.Module | None:
+        """The norm layer (``self.bn`` / ``self.gn`` / ``self.in``), or None."""
+        return getattr(self, self.norm_name) if self.norm_name else None
+
+    def reset_parameters(self) -> None:
+        """mmcv's initialisation: Kaiming-normal (fan_out) conv weight, zero bias, norm weight 1, bias 0."""
+        if self.with_activation and self.act_cfg["type"] == "LeakyReLU":
+            a, nonlinearity = self.act_cfg.get("negative_slope", 0.01), "leaky_relu"
+        else:
+            a, nonlinearity = 0, "relu"
+        nn.init.kaiming_normal_(self.conv.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        norm = self.norm
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+
+    def forward(self, x: torch.Tensor, activate: bool = True, norm: bool = True) -> torch.Tensor:
+        """[N, in_channels, H, W] -> [N, out_channels, H', W'], the layers in ``order``."""
+        for layer in self.order:
+            if layer == "conv":
+                x = self.conv(x)
+            elif layer == "norm" and norm and self.with_norm:
+                x = self.norm(x)
+            elif layer == "act" and activate and self.with_activation:
+                x = self.activate(x)
+        return x
+
+
+_PLUGIN_TYPES = {"ConvModule": ConvModule, "GeneralizedAttention": GeneralizedAttention}
+
+
+def build_plugin(cfg: Mapping | nn.Module, key: str = "cfg") -> nn.Module:
+    """A pre/post module from an mmdetection cfg dict (``type`` "ConvModule" or "GeneralizedAttention").
+
+    An ``nn.Module`` is returned as it is. ``key`` names the argument in error messages (ValueError for an
+    unknown type, TypeError for arguments the type does not take).
+    """
+    if isinstance(cfg, nn.Module):
+        return cfg
+    cls, args = _split_type(cfg, key, _PLUGIN_TYPES)
+    return _construct(cls, args, key)
+
+
+_ROI_LAYER_KEYS = ("output_size", "sampling_ratio", "aligned", "pool_mode", "use_torchvision")
+
+
+def _roi_layer_args(cfg: Mapping) -> dict:
+    """output_size (pair), sampling_ratio and aligned of an mmcv RoIAlign cfg, mmcv's defaults filled in."""
+    _, args = _split_type(cfg, "roi_layer", {"RoIAlign": None})
+    for name in args:
+        if name not in _ROI_LAYER_KEYS:
+            raise ValueError(f"roi_layer[{name!r}] is not a RoIAlign argument; those are {_ROI_LAYER_KEYS}")
+    if "output_size" not in args:
+        raise ValueError("roi_layer['output_size'] is required")
+    if args.get("pool_mode", "avg") != "avg":
+        raise ValueError(f"roi_layer['pool_mode'] = {args['pool_mode']!r}: only 'avg' is supported")
+    size = args["output_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"roi_layer['output_size'] must be a positive int or pair: {args['output_size']!r}")
+    # use_torchvision picks mmcv's backend; torchvision's RoIAlign and mmcv's give the same result.
+    return {"output_size": size, "sampling_ratio": int(args.get("sampling_ratio", 0)),
+            "aligned": bool(args.get("aligned", True))}
+
+
+def build_roi_layers(layer_cfg: Mapping, featmap_strides: Sequence[int]) -> nn.ModuleList:
+    """One :class:`groie_triton.RoIAlign` per stride (``spatial_scale = 1 / stride``), from an mmcv cfg.
+
+    ``layer_cfg``: ``dict(type="RoIAlign", output_size, sampling_ratio=0, aligned=True)`` (mmcv's defaults;
+    ``pool_mode="avg"`` and ``use_torchvision`` are accepted). ValueError naming the key otherwise.
+    """
+    args = _roi_layer_args(layer_cfg)
+    return nn.ModuleList(RoIAlign(spatial_scale=1.0 / s, **args) for s in featmap_strides)
+
+
+def groie_paper_cfg(kind: str = "bbox", channels: int = 256) -> dict:
+    """Keyword arguments of :class:`GenericRoIExtractor` for the GRoIE paper's configs.
+
+    ``kind="bbox"``: 7x7 RoIs; ``kind="mask"``: 14x14. Both: RoIAlign with sampling_ratio 2 and aligned,
+    strides (4, 8, 16, 32), sum aggregation, a 5x5 ConvModule pre-module (padding 2, ReLU) and a
+    GeneralizedAttention post-module ('0100', 6 heads, kv_stride 2, no spatial range), all ``channels`` wide.
+    """
+    sizes = {"bbox": 7, "mask": 14}
+    if kind not in sizes:
+        raise ValueError(f"kind must be 'bbox' or 'mask', got {kind!r}")
+    return dict(
+        roi_layer=dict(type="RoIAlign", output_size=sizes[kind], sampling_ratio=2, aligned=True),
+        out_channels=channels,
+        featmap_strides=[4, 8, 16, 32],
+        aggregation="sum",
+        pre_cfg=dict(type="ConvModule", in_channels=channels, out_channels=channels, kernel_size=5, padding=2,
+                     inplace=False),
+        post_cfg=dict(type="GeneralizedAttention", in_channels=channels, spatial_range=-1, num_heads=6,
+                      attention_type="0100", kv_stride=2),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the layer
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def _norm_is_per_sample(norm: nn.Module) -> bool:
+    """True when the norm treats each sample alone, so one batch of all levels equals one call per level."""
+    if isinstance(norm, nn.GroupNorm):
+        return True
+    if isinstance(norm, _InstanceNorm):
+        # Instance statistics are per sample; only the running-stat update (training) sees the batch.
+        return not (norm.training and norm.track_running_stats)
+    if isinstance(norm, _BatchNorm):
+        return not norm.training and norm.running_mean is not None
+    return False
+
+
+def _fused_activation(pre: ConvModule) -> tuple[str, float] | None:
+    """(activation, negative_slope) the level-sum kernel applies for ``pre``, or None if it cannot."""
+    if not pre.with_activation:
+        return "none", 0.0
+    if type(pre.activate) is nn.ReLU:
+        return "relu", 0.0
+    if type(pre.activate) is nn.LeakyReLU:
+        return "leaky_relu", float(pre.activate.negative_slope)
+    return None
+
+
+def _pre_on_stack(pre: nn.Module, stacked: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Aggregate ``pre`` applied to every level of ``stacked`` [L, K, C, h, w]."""
+    num_levels, num_rois = stacked.shape[:2]
+    if not (isinstance(pre, ConvModule) and pre.order == ("conv", "norm", "act")):
+        levels = [pre(level) for level in stacked.unbind(0)]
+        if aggregation == "concat":
+            return torch.cat(levels, dim=1)
+        out = levels[0]
+        for level in levels[1:]:
+            out = out + level
+        return out
+
+    y = pre.conv(stacked.flatten(0, 1))
+    if pre.with_norm:
+        if _norm_is_per_sample(pre.norm):
+            y = pre.norm(y)
+        else:
+            y = torch.cat([pre.norm(level) for level in y.split(num_rois)])
+    fused = _fused_activation(pre) if aggregation == "sum" else None
+    if fused is not None:
+        return level_sum_act(y.unflatten(0, (num_levels, num_rois)), *fused)
+    if pre.with_activation:
+        y = pre.activate(y)
+    y = y.unflatten(0, (num_levels, num_rois))
+    if aggregation == "concat":
+        return y.transpose(0, 1).flatten(1, 2)
+    return y.sum(0)
+
+
+def _aggregated_channels(pre: nn.Module | None, channels: int) -> int:
+    return getattr(pre, "out_channels", channels) if pre is not None else channels
+
+
+def _empty_result(module: nn.Module, feats: Sequence[torch.Tensor], channels: int,
+                  output_size: tuple[int, int]) -> torch.Tensor:
+    """[0, channels, h, w] zeros that still depend on every parameter and feature map.
+
+    Backward then gives every parameter a (zero) gradient, so DistributedDataParallel does not wait for
+    gradients that never come. Empty slices carry the dependency without reading any data.
+    """
+    out = feats[0].new_zeros((0, channels, *output_size))
+    anchors = [p.reshape(-1)[:0].sum() for p in module.parameters() if p.requires_grad]
+    anchors += [f.reshape(-1)[:0].sum() for f in feats if f.requires_grad]
+    for anchor in anchors:
+        out = out + anchor
+    return out
+
+
+def _groie(feats: Sequence[torch.Tensor], rois: torch.Tensor, output_size: tuple[int, int],
+           scales: Sequence[float], sampling_ratio: int, aligned: bool, aggregation: str,
+           pre: nn.Module | None, post: nn.Module | None) -> torch.Tensor:
+    """GRoIE on K >= 1 RoIs: fused pooling, shared pre-module, aggregation, post-module."""
+    if pre is None:
+        out = multilevel_roi_align(feats, rois, output_size, scales, sampling_ratio, aligned, aggregation)
+    else:
+        stacked = multilevel_roi_align(feats, rois, output_size, scales, sampling_ratio, aligned, "stack")
+        out = _pre_on_stack(pre, stacked, aggregation)
+    if post is not None:
+        out = post(out)
+    return out
+
+
+def _check_feats(feats, name: str) -> list[torch.Tensor]:
+    if isinstance(feats, torch.Tensor) or not isinstance(feats, Sequence):
+        raise TypeError(f"{name} must be a sequence of [N, C, H, W] tensors, one per level")
+    feats = list(feats)
+    if not feats:
+        raise ValueError(f"{name} must hold at least one level")
+    return feats
+
+
+def _check_pre_channels(pre: nn.Module | None, channels: int, key: str) -> None:
+    expected = getattr(pre, "in_channels", channels) if pre is not None else channels
+    if expected != channels:
+        raise ValueError(f"{key}['in_channels'] is {expected} but the feature maps have {channels} channels")
+
+
+class GenericRoIExtractor(nn.Module):
+    """mmdetection's GenericRoIExtractor (GRoIE), on the fused multi-level kernels.
+
+    Args:
+        roi_layer: ``dict(type="RoIAlign", output_size, sampling_ratio=0, aligned=True)`` (mmcv's defaults).
+        out_channels: channels of the output: the aggregated channels for ``"sum"``, L x those for
+            ``"concat"``.
+        featmap_strides: stride of each level (``spatial_scale = 1 / stride``); one per feature map.
+        aggregation: ``"sum"`` or ``"concat"`` (levels on channels, level 0 first).
+        pre_cfg: None, an ``nn.Module``, or ``dict(type="ConvModule" | "GeneralizedAttention", ...)``: one
+            module shared by all levels, applied to each level's RoI features.
+        post_cfg: None, an ``nn.Module`` or such a dict: applied to the aggregated features.
+        finest_scale: kept for mmdetection's RoI-extractor signature; GRoIE pools every RoI from every
+            level, so no RoI-to-level mapping uses it.
+
+    One deliberate difference from mmdetection v3: with a single feature level, mmdetection returns the bare
+    RoIAlign output (no roi_scale_factor, no pre- or post-module); here one level goes through the same
+    pipeline as several, so the modules' parameters are always used.
+
+    ``state_dict`` keys are mmdetection's: ``pre_module.conv.weight``, ``pre_module.conv.bias``,
+    ``post_module.query_conv.weight``, ... (the RoI layers hold no state), so a GRoIE checkpoint's
+    ``roi_head.bbox_roi_extractor.*`` entries load with ``strict=True``.
+
+    Raises:
+        ValueError: unknown aggregation or cfg type (the message names the key), ``out_channels`` that the
+            pre-module's output cannot give (``L * channels`` for concat), a post-module built for other
+            channels. TypeError: cfg arguments the type does not take.
+    """
+
+    def __init__(
+        self,
+        roi_layer: Mapping,
+        out_channels: int,
+        featmap_strides: Sequence[int],
+        aggregation: str = "sum",
+        pre_cfg: Mapping | nn.Module | None = None,
+        post_cfg: Mapping | nn.Module | None = None,
+        finest_scale: int = 56,
+    ) -> None:
+        super().__init__()
+        _check_aggregation(aggregation)
+        featmap_strides = list(featmap_strides)
+        if not featmap_strides or not all(s > 0 for s in featmap_strides):
+            raise ValueError(f"featmap_strides must be non-empty and positive, got {featmap_strides}")
+        self.roi_layers = build_roi_layers(roi_layer, featmap_strides)
+        self.out_channels = out_channels
+        self.featmap_strides = featmap_strides
+        self.finest_scale = finest_scale
+        self.aggregation = aggregation
+        self.with_post = post_cfg is not None
+        self.with_pre = pre_cfg is not None
+        # Built in mmdetection's order (post first), so state_dict keys come out in the same order.
+        if self.with_post:
+            self.post_module = build_plugin(post_cfg, "post_cfg")
+        if self.with_pre:
+            self.pre_module = build_plugin(pre_cfg, "pre_cfg")
+
+        pre_out = getattr(self.pre_module, "out_channels", None) if self.with_pre else None
+        if pre_out is not None:
+            produced = pre_out * len(featmap_strides) if aggregation == "concat" else pre_out
+            if produced != out_channels:
+                raise ValueError(
+                    f"out_channels is {out_channels} but the pre-module gives {pre_out} channels per level"
+                    + (f", so concat over {len(featmap_strides)} levels gives {produced}"
+                       if aggregation == "concat" else "")
+                )
+        post_in = getattr(self.post_module, "in_channels", None) if self.with_post else None
+        if post_in is not None and post_in != out_channels:
+            raise ValueError(f"post_cfg['in_channels'] is {post_in} but out_channels is {out_channels}")
+
+    @property
+    def num_inputs(self) -> int:
+        """Number of feature levels the extractor expects."""
+        return len(self.featmap_strides)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return tuple(self.roi_layers[0].output_size)
+
+    def roi_rescale(self, rois: torch.Tensor, scale_factor: float) -> torch.Tensor:
+        """Scale each RoI about its centre by ``scale_factor`` (width and height); [K, 5] -> [K, 5]."""
+        cx = (rois[:, 1] + rois[:, 3]) * 0.5
+        cy = (rois[:, 2] + rois[:, 4]) * 0.5
+        half_w = (rois[:, 3] - rois[:, 1]) * scale_factor * 0.5
+        half_h = (rois[:, 4] - rois[:, 2]) * scale_factor * 0.5
+        return torch.stack((rois[:, 0], cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+    def forward(self, feats: Sequence[torch.Tensor], rois: torch.Tensor,
+                roi_scale_factor: float | None = None) -> torch.Tensor:
+        """GRoIE features of each RoI.
+
+        Args:
+            feats: L feature maps ``[N, C, H_l, W_l]``, L = ``len(featmap_strides)``.
+            rois: ``[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in image coordinates.
+            roi_scale_factor: when given, every RoI is scaled about its centre first.
+
+        Returns:
+            ``[K, out_channels, h, w]`` in the features' dtype. K = 0 gives zeros of that shape that still
+            depend on every parameter (a zero gradient each), so DDP does not hang.
+
+        Raises:
+            ValueError: the number of levels differs from ``len(featmap_strides)``, the channels do not match
+            the pre-module or ``out_channels``.
+        """
+        feats = _check_feats(feats, "feats")
+        if len(feats) != len(self.featmap_strides):
+            raise ValueError(
+                f"featmap_strides has {len(self.featmap_strides)} entries but feats has {len(feats)} levels"
+            )
+        channels = feats[0].shape[1]
+        pre = self.pre_module if self.with_pre else None
+        _check_pre_channels(pre, channels, "pre_cfg")
+        produced = _aggregated_channels(pre, channels)
+        if self.aggregation == "concat":
+            produced *= len(feats)
+        if produced != self.out_channels:
+            concat = self.aggregation == "concat"
+            detail = f" ({len(feats)} levels x {produced // len(feats)})" if concat else ""
+            raise ValueError(
+                f"out_channels is {self.out_channels} but {self.aggregation} aggregation gives {produced} "
+                f"channels{detail}"
+            )
+        if rois.shape[0] == 0:
+            return _empty_result(self, feats, self.out_channels, self.output_size)
+        if roi_scale_factor is not None:
+            rois = self.roi_rescale(rois, roi_scale_factor)
+        layer = self.roi_layers[0]
+        return _groie(
+            feats, rois, self.output_size, [1.0 / s for s in self.featmap_strides], layer.sampling_ratio,
+            layer.aligned, self.aggregation, pre, self.post_module if self.with_post else None,
+        )
+
+
+class GRoIEPooler(_TorchvisionMultiScaleRoIAlign):
+    """GRoIE with torchvision's MultiScaleRoIAlign interface, for FasterRCNN / MaskRCNN.
+
+    ``FasterRCNN(..., box_roi_pool=GRoIEPooler(...))`` and ``MaskRCNN(..., mask_roi_pool=...)`` accept it
+    (it subclasses ``torchvision.ops.MultiScaleRoIAlign``). Every RoI is pooled from every level of
+    ``featmap_names`` (scales inferred from the image sizes as torchvision does), then the shared pre-module,
+    the aggregation and the post-module run as in :class:`GenericRoIExtractor`.
+
+    Args:
+        featmap_names: names of the feature maps to pool from, finest first.
+        output_size: int or (h, w). sampling_ratio: samples per bin per axis (<= 0: adaptive).
+        aggregation: ``"sum"`` or ``"concat"`` (the box head then sees L x channels).
+        pre_cfg, post_cfg: as for :class:`GenericRoIExtractor` (cfg dicts or modules); ``pre_module`` and
+            ``post_module`` in the state_dict.
+        aligned: half-pixel-corrected RoIAlign (GRoIE's choice; torchvision's MultiScaleRoIAlign uses False).
+
+    forward(x, boxes, image_shapes) -> ``[K, C_out, h, w]`` with K the total number of boxes.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size,
+        sampling_ratio: int,
+        *,
+        aggregation: str = "sum",
+        pre_cfg: Mapping | nn.Module | None = None,
+        post_cfg: Mapping | nn.Module | None = None,
+        aligned: bool = True,
+    ) -> None:
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        _check_aggregation(aggregation)
+        self.aggregation = aggregation
+        self.aligned = aligned
+        self.with_post = post_cfg is not None
+        self.with_pre = pre_cfg is not None
+        if self.with_post:
+            self.post_module = build_plugin(post_cfg, "post_cfg")
+        if self.with_pre:
+            self.pre_module = build_plugin(pre_cfg, "pre_cfg")
+
+    @classmethod
+    def from_paper(cls, featmap_names: list[str], kind: str = "bbox", channels: int = 256) -> GRoIEPooler:
+        """The GRoIE paper's layer: bbox 7x7 / mask 14x14, sampling 2, aligned, sum, 5x5 ConvModule pre,
+        GeneralizedAttention '0100' post (6 heads, kv_stride 2), ``channels`` wide."""
+        cfg = groie_paper_cfg(kind, channels)
+        layer = cfg["roi_layer"]
+        return cls(featmap_names, layer["output_size"], layer["sampling_ratio"],
+                   aggregation=cfg["aggregation"], pre_cfg=cfg["pre_cfg"], post_cfg=cfg["post_cfg"],
+                   aligned=layer["aligned"])
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """x: feature maps by name; boxes: per image ``[L_i, 4]`` (x1, y1, x2, y2) in image coordinates;
+        image_shapes: (h, w) of each image as it entered the backbone. Returns ``[sum L_i, C_out, h, w]``."""
+        feats = select_features(x, self.featmap_names)
+        if self.scales is None:
+            self.scales = infer_scales(feats, image_shapes)
+        if len(self.scales) != len(feats):
+            raise ValueError(f"the pooler was set up for {len(self.scales)} levels but x has {len(feats)}")
+        pre = self.pre_module if self.with_pre else None
+        channels = feats[0].shape[1]
+        _check_pre_channels(pre, channels, "pre_cfg")
+        rois = boxes_to_rois(boxes, feats[0])
+        if rois.shape[0] == 0:
+            out_channels = _aggregated_channels(pre, channels)
+            if self.aggregation == "concat":
+                out_channels *= len(feats)
+            return _empty_result(self, feats, out_channels, self.output_size)
+        return _groie(feats, rois, self.output_size, self.scales, self.sampling_ratio, self.aligned,
+                      self.aggregation, pre, self.post_module if self.with_post else None)
+
+    # torchvision's MultiScaleRoIAlign prints a one-line repr; show the pre/post modules as nn.Module does.
+    __repr__ = nn.Module.__repr__
+
+    def extra_repr(self) -> str:
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio}, aggregation={self.aggregation!r}, aligned={self.aligned}"
+        )
