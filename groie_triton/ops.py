@@ -239,11 +239,9 @@ def _forward_reference(features, rois, scales, ph, pw, sampling_ratio, aligned, 
 
 
 def _backward_reference(grad, rois, features, *args):
-    with torch.enable_grad():
-        leaves = [f.detach().requires_grad_(True) for f in features]
-        out = _forward_reference(leaves, rois, *args)
-        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    return [torch.zeros_like(f) if g is None else g for g, f in zip(grads, features)]
+    # torch.func.vjp works inside a custom op, where plain autograd is switched off.
+    _, vjp = torch.func.vjp(lambda *fs: _forward_reference(list(fs), rois, *args), *features)
+    return list(vjp(grad))
 
 
 # --------------------------------------------------------------------------------------- torch.library

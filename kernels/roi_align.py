@@ -25,14 +25,27 @@ import triton.language as tl
 MAX_LEVELS = 8
 
 SUM, PER_LEVEL, MAP_TORCHVISION, MAP_MMDET = 0, 1, 2, 3
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 # Tiles stay small: a [64 bins x 64 channels] fp32 tile with 2x2 samples was measured at 255 registers and
 # spilled; [8-32 bins x 32-64 channels] tiles do not (see `python -m groie_triton.compile_report`).
-_TILES = [  # (BLOCK_BINS, BLOCK_C, num_warps): at most 8 accumulator elements per thread
-    (16, 32, 2), (16, 32, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8),
-]
+# (BLOCK_BINS, BLOCK_C, num_warps). Tiles stay small: at most 8 accumulator elements per thread (4 for
+# float64, whose values take two registers), which keeps every config free of spills on sm_80, sm_90 and
+# gfx942 (`python -m groie_triton.compile_report`).
+_TILES = [(16, 32, 2), (16, 32, 4), (32, 32, 4), (64, 16, 4), (16, 16, 2), (32, 16, 4), (64, 32, 8)]
 FWD_CONFIGS = [triton.Config({"BLOCK_BINS": b, "BLOCK_C": c}, num_warps=w, num_stages=1) for b, c, w in _TILES]
 BWD_CONFIGS = [triton.Config({"BLOCK_BINS": b, "BLOCK_C": c}, num_warps=w, num_stages=1) for b, c, w in _TILES]
+
+
+def _elements_per_thread(config) -> int:
+    return config.kwargs["BLOCK_BINS"] * config.kwargs["BLOCK_C"] // (32 * config.num_warps)
+
+
+def configs_for(configs, fp64: bool) -> list:
+    """The configs shipped for an accumulation dtype (float64 accumulators need twice the registers)."""
+    budget = 4 if fp64 else 8
+    return [c for c in configs if _elements_per_thread(c) <= budget]
+
 
 # What changes the best config; never the number of RoIs, so a new batch does not re-tune.
 AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "ADAPTIVE"]
@@ -42,7 +55,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _prune_for_interpreter(configs, named_args, **kwargs):
+def _prune(configs, named_args, **kwargs):
+    configs = configs_for(configs, kwargs["ACC"] == tl.float64)
     # The interpreter has no benchmarker ("0 active drivers"): keep the largest tile, which also interprets
     # fastest. GPU runs benchmark every config.
     if _interpreting():
@@ -79,11 +93,12 @@ def _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale
     size = tl.sqrt((x2 - x1) * (y2 - y1))
     if MODE == 2:
         lvl = tl.floor(canonical_level + tl.log2(size / canonical_scale) + 1e-6)
-        lvl = tl.minimum(tl.maximum(lvl, K_MIN), K_MIN + NUM_LEVELS - 1) - K_MIN
+        lvl = tl.maximum(lvl, K_MIN, propagate_nan=NAN)
+        lvl = tl.minimum(lvl, K_MIN + NUM_LEVELS - 1, propagate_nan=NAN) - K_MIN
     else:
         lvl = tl.floor(tl.log2(size / finest_scale + 1e-6))
-        lvl = tl.minimum(tl.maximum(lvl, 0), NUM_LEVELS - 1)
-    # NaN (negative or NaN area) survives minimum/maximum as NaN; it selects no level.
+        lvl = tl.minimum(tl.maximum(lvl, 0, propagate_nan=NAN), NUM_LEVELS - 1, propagate_nan=NAN)
+    # NaN (negative or NaN area) survives the clamp as NaN; it selects no level.
     return tl.where(lvl == lvl, lvl, -1).to(tl.int32)
 
 
@@ -97,34 +112,57 @@ def _level_setup(x1, y1, x2, y2, scale, H, W, sampling_ratio, enabled, PH: tl.co
     roi_w = x2 * scale - offset - start_w
     roi_h = y2 * scale - offset - start_h
     if not ALIGNED:
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
+        # As std::max in torchvision: a NaN size stays NaN (and samples nothing).
+        roi_w = tl.maximum(roi_w, 1.0, propagate_nan=NAN)
+        roi_h = tl.maximum(roi_h, 1.0, propagate_nan=NAN)
     bin_w = roi_w / PW
     bin_h = roi_h / PH
-    if ADAPTIVE:
-        # ceil(roi / out) samples per bin; NaN and negative give 0 and the count is capped at the map size
-        # plus 2, so a huge or infinite box costs a bounded loop (only boxes more than out x (map + 2)
-        # pixels long reach the cap).
-        gh = tl.ceil(roi_h / PH)
-        gw = tl.ceil(roi_w / PW)
-        gh = tl.minimum(tl.where(gh > 0, gh, 0), tl.cast(H + 2, ACC)).to(tl.int32)
-        gw = tl.minimum(tl.where(gw > 0, gw, 0), tl.cast(W + 2, ACC)).to(tl.int32)
-    else:
-        gh = tl.cast(sampling_ratio, tl.int32)
-        gw = gh
-    count = tl.cast(tl.maximum(gh * gw, 1), ACC)
     # A disabled level (bad batch index, empty map, other level chosen) runs no sample.
     on = enabled & (H > 0) & (W > 0)
-    gh = tl.where(on, gh, 0)
-    gw = tl.where(on, gw, 0)
-    return start_w, start_h, bin_w, bin_h, gh, gw, count
+    gh, steps_h = _axis_grid(roi_h, H, sampling_ratio, on, PH, ADAPTIVE, ACC)
+    gw, steps_w = _axis_grid(roi_w, W, sampling_ratio, on, PW, ADAPTIVE, ACC)
+    count = tl.maximum(gh * gw, 1.0)
+    return start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count
 
 
 @triton.jit
-def _axis_sample(start, bin_size, p_f, i, g, size, ACC: tl.constexpr):
-    """One sample coordinate per bin along an axis: low/high neighbours, weight of the high one, validity."""
-    t = start + p_f * bin_size + ((tl.cast(i, ACC) + 0.5) * bin_size) / tl.cast(g, ACC)
-    inside = (t >= -1.0) & (t <= tl.cast(size, ACC))
+def _axis_grid(roi_size, size, sampling_ratio, on, POOLED: tl.constexpr, ADAPTIVE: tl.constexpr,
+               ACC: tl.constexpr):
+    """Samples per bin along an axis (a float, as torchvision's grid) and how many of them the loop visits.
+
+    Adaptive: ceil(roi / pooled) samples, 0 for a NaN or negative size. Only samples within [-1, size] add
+    anything, and consecutive samples are at least half a pixel apart once there is more than one, so at
+    most 2 * size + 6 of them per bin are visited (see _first_sample): a huge or infinite box costs a
+    bounded loop, and the result is still torchvision's sum over all samples divided by their full count.
+    """
+    if ADAPTIVE:
+        g = tl.ceil(roi_size / POOLED)
+        g = tl.where(g > 0, g, 0.0)
+        steps = tl.minimum(g, tl.cast(2 * size + 6, ACC))
+    else:
+        g = tl.cast(sampling_ratio, ACC)
+        steps = g
+    return g, tl.where(on, steps, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _first_sample(start, bin_size, p_f, g, ADAPTIVE: tl.constexpr):
+    """Per bin, the index of the first sample that may lie at or after -1 (one early, for rounding)."""
+    if ADAPTIVE:
+        step = bin_size / g
+        first = tl.ceil((-1.0 - start - p_f * bin_size) / step - 0.5) - 1.0
+        # NaN (empty grid, NaN box) -> 0.
+        return tl.minimum(tl.maximum(first, 0.0), g)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _axis_sample(start, bin_size, p_f, i_f, g, size, ACC: tl.constexpr):
+    """Sample i_f of each bin along an axis: low/high neighbours, weight of the high one, validity."""
+    i_f = tl.cast(i_f, ACC)
+    t = start + p_f * bin_size + ((i_f + 0.5) * bin_size) / g
+    inside = tl.where(i_f < g, (t >= -1.0) & (t <= tl.cast(size, ACC)), False)
     t = tl.where(inside, tl.maximum(t, 0.0), 0.0)
     low = t.to(tl.int32)
     at_edge = low >= size - 1
@@ -136,13 +174,12 @@ def _axis_sample(start, bin_size, p_f, i, g, size, ACC: tl.constexpr):
 
 
 @triton.jit
-def _image_level(feat, b, c_offs, C, H, W, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr):
+def _image_level(feat, b, c_offs, C, H, W, CHANNELS_LAST: tl.constexpr, IDX: tl.constexpr):
     """Pointer to image b of a level, the channel part of element offsets, and the stride of one pixel.
 
-    Offsets inside one image are 32-bit unless an image holds 2**31 elements or more (INDEX64); the image's
+    Offsets inside one image have type IDX: int32 unless an image holds 2**31 elements or more; the image's
     own offset is always 64-bit.
     """
-    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
     HW = H.to(IDX) * W
     img = feat + b * C * HW.to(tl.int64)
     if CHANNELS_LAST:
@@ -153,7 +190,7 @@ def _image_level(feat, b, c_offs, C, H, W, CHANNELS_LAST: tl.constexpr, INDEX64:
 @triton.autotune(
     configs=FWD_CONFIGS,
     key=AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_for_interpreter},
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _roi_align_fwd_kernel(
@@ -164,6 +201,7 @@ def _roi_align_fwd_kernel(
     ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
     ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
     k = tl.program_id(0).to(tl.int64)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
@@ -186,19 +224,21 @@ def _roi_align_fwd_kernel(
             enabled = b_valid
             if MODE >= 2:
                 enabled = enabled & (target == lvl)
-            start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
+            start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
                 x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
-            img, chan, pix_stride = _image_level(feats[lvl], b, c_offs, C, H, W, CHANNELS_LAST, INDEX64)
+            img, chan, pix_stride = _image_level(feats[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
             lvl_acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
-            for iy in range(0, gh):
-                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
+            first_y = _first_sample(start_h, bin_h, py.to(ACC), gh, ADAPTIVE)
+            first_x = _first_sample(start_w, bin_w, px.to(ACC), gw, ADAPTIVE)
+            for iy in range(0, steps_h):
+                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), first_y + iy, gh, H, ACC)
                 hy = 1.0 - ly
-                row_lo = y_lo * W
-                row_hi = y_hi * W
-                for ix in range(0, gw):
-                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
+                row_lo = y_lo.to(IDX) * W
+                row_hi = y_hi.to(IDX) * W
+                for ix in range(0, steps_w):
+                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), first_x + ix, gw, W, ACC)
                     hx = 1.0 - lx
                     m = (y_in & x_in & bin_mask)[:, None] & c_mask[None, :]
                     v1 = tl.load(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], mask=m, other=0.0).to(ACC)
@@ -208,7 +248,7 @@ def _roi_align_fwd_kernel(
                     lvl_acc += ((hy * hx)[:, None] * v1 + (hy * lx)[:, None] * v2
                                 + (ly * hx)[:, None] * v3 + (ly * lx)[:, None] * v4)
             if MODE == 1:
-                o = (out_ptr + lvl * o_stride_l + k * o_stride_k + c_offs[None, :].to(tl.int64) * o_stride_c
+                o = (out_ptr + tl.cast(o_stride_l, tl.int64) * lvl + k * o_stride_k + c_offs[None, :].to(tl.int64) * o_stride_c
                      + (py * o_stride_ph + px * o_stride_pw)[:, None])
                 tl.store(o, (lvl_acc / count).to(out_ptr.dtype.element_ty),
                          mask=bin_mask[:, None] & c_mask[None, :])
@@ -239,7 +279,7 @@ def _scatter(ptrs, value, mask, fixed_scale, FIXED_POINT: tl.constexpr):
 @triton.autotune(
     configs=BWD_CONFIGS,
     key=AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_for_interpreter},
+    prune_configs_by={"early_config_prune": _prune},
     pre_hook=_zero_grads,
 )
 @triton.jit
@@ -251,6 +291,7 @@ def _roi_align_bwd_kernel(
     ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
     FIXED_POINT: tl.constexpr, ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
     k = tl.program_id(0).to(tl.int64)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
@@ -274,22 +315,24 @@ def _roi_align_bwd_kernel(
             enabled = b_valid
             if MODE >= 2:
                 enabled = enabled & (target == lvl)
-            start_w, start_h, bin_w, bin_h, gh, gw, count = _level_setup(
+            start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
                 x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
-            img, chan, pix_stride = _image_level(grads[lvl], b, c_offs, C, H, W, CHANNELS_LAST, INDEX64)
+            img, chan, pix_stride = _image_level(grads[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
-            g_level = lvl * g_stride_l if MODE == 1 else 0
+            g_level = tl.cast(g_stride_l, tl.int64) * lvl if MODE == 1 else 0
             g = tl.load(grad_out_ptr + g_level + k * g_stride_k + c_offs[None, :].to(tl.int64) * g_stride_c
                         + (py * g_stride_ph + px * g_stride_pw)[:, None],
-                        mask=tile_mask & (gh > 0), other=0.0).to(ACC) / count
-            for iy in range(0, gh):
-                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), iy, gh, H, ACC)
+                        mask=tile_mask & (steps_h > 0), other=0.0).to(ACC) / count
+            first_y = _first_sample(start_h, bin_h, py.to(ACC), gh, ADAPTIVE)
+            first_x = _first_sample(start_w, bin_w, px.to(ACC), gw, ADAPTIVE)
+            for iy in range(0, steps_h):
+                y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), first_y + iy, gh, H, ACC)
                 hy = 1.0 - ly
-                row_lo = y_lo * W
-                row_hi = y_hi * W
-                for ix in range(0, gw):
-                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), ix, gw, W, ACC)
+                row_lo = y_lo.to(IDX) * W
+                row_hi = y_hi.to(IDX) * W
+                for ix in range(0, steps_w):
+                    x_lo, x_hi, lx, x_in = _axis_sample(start_w, bin_w, px.to(ACC), first_x + ix, gw, W, ACC)
                     hx = 1.0 - lx
                     m = (y_in & x_in)[:, None] & tile_mask
                     _scatter(img + chan + ((row_lo + x_lo) * pix_stride)[:, None], (hy * hx)[:, None] * g, m,
@@ -338,7 +381,7 @@ def compile_specs(dtypes=("float32", "float16", "bfloat16", "float64")) -> list[
                      "grads": (f"*{grad_t}",) * levels, "fixed_scale_ptr": "*fp64", "heights": ("i32",) * levels,
                      "widths": ("i32",) * levels, "scales": ("fp32",) * levels, "canonical_scale": "fp32",
                      "canonical_level": "fp32", "finest_scale": "fp32"}
-            for config in tuner.configs:
+            for config in configs_for(tuner.configs, dtype == "float64"):
                 values = {**constexprs, **config.kwargs}
                 specs.append({
                     "kernel": name, "fn": tuner.fn, "config": config,
