@@ -23,3 +23,9 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+
+# Baseline vs GRoIE Mask R-CNN (resnet18-FPN, from scratch) on the procedural shapes set, same seed and
+# schedule; ~30 min per model on a CPU, not in CI. Writes runs/detection/experiment/results.{json,md}.
+.PHONY: experiment
+experiment: $(VENV)/.installed
+	$(PY) -m groie_triton.detection experiment --out runs/detection/experiment

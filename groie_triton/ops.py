@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from groie_triton import reference
 from groie_triton.backend import backend_for
@@ -149,8 +150,6 @@ def _out_strides(out: torch.Tensor, aggregation: str, channels: int) -> tuple[in
 
 
 def _acc_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # Sample taps (index, weight, mask) built at once: bounds memory whatever the number of RoIs and the adaptive
-# grid (a junk box has up to (H + 2) x (W + 2) samples per bin), while keeping the Python loop short.
+# grid (a huge box visits up to (2H + 6) x (2W + 6) samples per bin), while keeping the Python loop short.
 _TAP_BUDGET = 1 << 22
 
 
@@ -40,27 +40,61 @@ def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(ph), int(pw)
 
 
-def _grid_size(roi_size: Tensor, pooled: int, size: int, sampling_ratio: int) -> Tensor:
-    """Samples per bin along one axis, int64 [K]: the fixed ratio, or the guarded adaptive ceil."""
-    if sampling_ratio > 0:
-        return torch.full(roi_size.shape, sampling_ratio, dtype=torch.long, device=roi_size.device)
-    grid = torch.ceil(roi_size / pooled)
-    return grid.nan_to_num(0.0).clamp(0, size + 2).long()
+def _grid_size(roi_size: Tensor, pooled: int, sampling_ratio: int) -> Tensor:
+    """Samples per bin along one axis, a float [K] in ``roi_size``'s dtype, as torchvision's grid.
 
-
-def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int):
-    """Bilinear taps of every sample along one axis, padded to the largest grid.
-
-    start, bin_size: [K] accumulation dtype; grid: [K] int64. Returns ``index`` [K, pooled, G, 2] int64
-    (low, high pixel), ``weight`` [K, pooled, G, 2] (1 - frac, frac) and ``inside`` [K, pooled, G] bool,
-    False for a sample outside [-1, size], NaN, or past its RoI's grid. Weights stay finite everywhere.
+    The fixed ratio, or adaptive ceil(roi_size / pooled) with NaN or negative -> 0 and no cap: it may be
+    huge or +inf (only the samples near the map are visited, see :func:`_axis_taps`).
     """
-    grid_max = int(grid.max()) if grid.numel() else 0
-    p = torch.arange(pooled, dtype=start.dtype, device=start.device)[:, None]
-    i = torch.arange(grid_max, dtype=start.dtype, device=start.device)
-    start, bin_size, grid = start[:, None, None], bin_size[:, None, None], grid[:, None, None]
-    coord = start + p * bin_size + ((i + 0.5) * bin_size) / grid.clamp(min=1)
-    inside = (coord >= -1) & (coord <= size) & (i < grid)
+    if sampling_ratio > 0:
+        return torch.full_like(roi_size, sampling_ratio)
+    grid = torch.ceil(roi_size / pooled)
+    return torch.where(grid > 0, grid, 0)
+
+
+def _visited(grid: Tensor, size: int, sampling_ratio: int) -> Tensor:
+    """How many sample indices per bin along one axis are visited, int64 [K].
+
+    All of a fixed ratio. Adaptive: a grid above 1 spaces samples bin / grid >= 0.5 apart, so at most
+    2 * size + 3 of them lie in [-1, size]; 2 * size + 6 from :func:`_first_sample` leaves room for rounding.
+    """
+    if sampling_ratio > 0:
+        return grid.long()
+    return grid.clamp(max=2 * size + 6).long()
+
+
+def _first_sample(base: Tensor, bin_size: Tensor, grid: Tensor, sampling_ratio: int) -> Tensor:
+    """Per bin, the first sample index that may lie at or after -1 (one early, for rounding), in [0, grid].
+
+    base: [K, P] start of each bin; bin_size, grid: [K, 1]. Sample i sits at base + (i + 0.5) * step with
+    step = bin / grid, so it is >= -1 from i = (-1 - base) / step - 0.5 on. A NaN (empty grid, NaN or
+    infinite box: every sample is then NaN or infinite) gives 0.
+    """
+    if sampling_ratio > 0:
+        return torch.zeros_like(base)
+    first = torch.ceil((-1 - base) / (bin_size / grid) - 0.5) - 1
+    return torch.minimum(torch.where(first > 0, first, 0), grid)
+
+
+def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, visited: Tensor, pooled: int, size: int,
+               sampling_ratio: int):
+    """Bilinear taps of the visited samples along one axis: ``visited`` indices per bin from the first.
+
+    start, bin_size, grid: [K] accumulation dtype; visited: [K] int64 (:func:`_visited`), padded to its
+    largest, S. Returns ``index`` [K, pooled, S, 2] int64 (low, high pixel), ``weight`` [K, pooled, S, 2]
+    (1 - frac, frac) and ``inside`` [K, pooled, S] bool, False for a sample outside [-1, size], NaN, past
+    its RoI's grid or in the padding. Weights stay finite everywhere.
+    """
+    j = torch.arange(int(visited.max()) if visited.numel() else 0, device=start.device)
+    p = torch.arange(pooled, dtype=start.dtype, device=start.device)
+    start, bin_size, grid = start[:, None], bin_size[:, None], grid[:, None]
+    base = start + p * bin_size
+    first = _first_sample(base, bin_size, grid, sampling_ratio)
+    i = first[..., None] + j.to(start.dtype)
+    bin_size, grid = bin_size[..., None], grid[..., None]
+    # torchvision's sample position, rounding included.
+    coord = base[..., None] + ((i + 0.5) * bin_size) / grid
+    inside = (coord >= -1) & (coord <= size) & (i < grid) & (j < visited[:, None, None])
     coord = torch.where(inside, coord.clamp(min=0), 0)
     low = coord.long()
     at_edge = low >= size - 1
@@ -115,15 +149,17 @@ def _roi_align_acc(input: Tensor, rois: Tensor, output_size: tuple[int, int], sp
     if not aligned:
         # clamp keeps NaN (a NaN box stays NaN and samples nothing), unlike an IEEE maxNum.
         roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
-    gh = _grid_size(roi_h, ph, height, sampling_ratio)
-    gw = _grid_size(roi_w, pw, width, sampling_ratio)
-    count = (gh * gw).clamp(min=1).to(acc)
+    gh = _grid_size(roi_h, ph, sampling_ratio)
+    gw = _grid_size(roi_w, pw, sampling_ratio)
+    # fmax: an infinite grid times an empty one (NaN) has no sample, count 1; an infinite grid gives 0.
+    count = torch.fmax(gh * gw, torch.ones((), dtype=acc))
+    vh, vw = _visited(gh, height, sampling_ratio), _visited(gw, width, sampling_ratio)
 
     batch = rois[:, 0]
     enabled = (batch >= 0) & (batch < n) & (height > 0) & (width > 0)
     batch = torch.where(enabled, batch, 0).long()
-    y_idx, y_w, y_in = _axis_taps(start_h, roi_h / ph, gh, ph, height)
-    x_idx, x_w, x_in = _axis_taps(start_w, roi_w / pw, gw, pw, width)
+    y_idx, y_w, y_in = _axis_taps(start_h, roi_h / ph, gh, vh, ph, height, sampling_ratio)
+    x_idx, x_w, x_in = _axis_taps(start_w, roi_w / pw, gw, vw, pw, width, sampling_ratio)
     # Dividing the taps instead of the sums saves a pass over the output: exact for power-of-two counts
     # (sampling_ratio 2), otherwise one more rounding per tap than torchvision's sum / count.
     y_w = y_w / count[:, None, None, None]
@@ -133,11 +169,11 @@ def _roi_align_acc(input: Tensor, rois: Tensor, output_size: tuple[int, int], sp
     # Feature rows [N*H*W, C]: one copy at most (none for channels_last input in the accumulation dtype).
     table = input.to(acc, memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, channels)
 
-    # Chunks of RoIs with similar grids pad little; each step builds at most _TAP_BUDGET sample taps (one
-    # RoI and some of its grid rows when it alone has more). A fixed sampling_ratio keeps the RoI order.
-    order = torch.argsort(gh * gw, descending=True, stable=True)
-    gh_bound = gh[order].flip(0).cummax(0).values.flip(0).tolist()
-    gw_bound = gw[order].flip(0).cummax(0).values.flip(0).tolist()
+    # Chunks of RoIs with similar visited grids pad little; each step builds at most _TAP_BUDGET sample taps
+    # (one RoI and some of its grid rows when it alone has more). A fixed sampling_ratio keeps the RoI order.
+    order = torch.argsort(vh * vw, descending=True, stable=True)
+    gh_bound = vh[order].flip(0).cummax(0).values.flip(0).tolist()
+    gw_bound = vw[order].flip(0).cummax(0).values.flip(0).tolist()
     pieces, r0 = [], 0
     while r0 < k or not pieces:
         gy, gx = (gh_bound[r0], gw_bound[r0]) if r0 < k else (0, 0)
@@ -179,8 +215,10 @@ def roi_align_ref(input: Tensor, rois: Tensor, output_size: tuple[int, int], spa
     Returns:
         [K, C, ph, pw] in ``input``'s dtype (computed in float64 for float64 input, float32 otherwise);
         channels_last if ``input`` is, contiguous otherwise (as the kernels). Guards: a batch index outside
-        [0, N) or NaN and an empty map give zeros, NaN/Inf boxes zeros or finite values, never a fault; the
-        adaptive grid is 0 for NaN/negative sizes and at most H + 2 by W + 2.
+        [0, N) or NaN and an empty map give zeros, NaN/Inf boxes zeros or finite values, never a fault. The
+        adaptive grid is torchvision's, uncapped (0 for NaN/negative sizes, possibly huge or infinite: count
+        then infinite, output 0), but only the samples that may lie on the map are visited, so any box costs
+        at most (2H + 6) x (2W + 6) samples per bin.
 
     Raises:
         ValueError: ``input`` not 4-D, ``rois`` not [K, 5], non-positive ``output_size``.

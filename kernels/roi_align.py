@@ -51,7 +51,7 @@ def configs_for(configs, fp64: bool) -> list:
 
 
 # What changes the best config; never the number of RoIs, so a new batch does not re-tune.
-AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "ADAPTIVE"]
+AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "ADAPTIVE", "sampling_ratio"]
 
 
 def _interpreting() -> bool:
@@ -251,8 +251,8 @@ def _roi_align_fwd_kernel(
                     lvl_acc += ((hy * hx)[:, None] * v1 + (hy * lx)[:, None] * v2
                                 + (ly * hx)[:, None] * v3 + (ly * lx)[:, None] * v4)
             if MODE == 1:
-                o = (out_ptr + tl.cast(o_stride_l, tl.int64) * lvl + k * o_stride_k + c_offs[None, :].to(tl.int64) * o_stride_c
-                     + (py * o_stride_ph + px * o_stride_pw)[:, None])
+                o = (out_ptr + tl.cast(o_stride_l, tl.int64) * lvl + k * o_stride_k
+                     + c_offs[None, :].to(tl.int64) * o_stride_c + (py * o_stride_ph + px * o_stride_pw)[:, None])
                 tl.store(o, (lvl_acc / count).to(out_ptr.dtype.element_ty),
                          mask=bin_mask[:, None] & c_mask[None, :])
             else:

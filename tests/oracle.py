@@ -12,14 +12,50 @@ import math
 import torch
 
 
-def _grid(roi_size: float, pooled: int, size: int, sampling_ratio: int) -> int:
-    """Samples per bin on one axis; adaptive: ceil(roi / pooled), NaN or negative -> 0, at most size + 2."""
+def _grid(roi_size: float, pooled: int, sampling_ratio: int) -> float:
+    """Samples per bin on one axis, a float as in the kernels.
+
+    The fixed ratio, or adaptive ceil(roi / pooled) with NaN or negative -> 0 and no cap (it may be huge,
+    or inf for an infinite box).
+    """
     if sampling_ratio > 0:
-        return sampling_ratio
+        return float(sampling_ratio)
     q = roi_size / pooled
-    if math.isnan(q) or q < 0:
-        return 0
-    return size + 2 if q > size + 2 else min(math.ceil(q), size + 2)
+    if math.isnan(q) or q <= 0:
+        return 0.0
+    return q if math.isinf(q) else float(math.ceil(q))
+
+
+def _sample_coords(start: float, bin_size: float, p: int, grid: float, size: int, adaptive: bool) -> list:
+    """Coordinates of the samples of bin p along one axis that are worth checking against [-1, size].
+
+    All ``grid`` of them for a fixed ratio. Adaptive grids can be huge, so only a window of indices:
+    sample i lies at base + (i + 0.5) * step, base = start + p * bin_size, step = bin_size / grid > 0
+    (grid = ceil(bin_size) > 0 implies bin_size > 0), hence it is in [-1, size] iff
+    (-1 - base) / step - 0.5 <= i <= (size - base) / step - 0.5. That real range, widened by 2 indices on
+    each side against rounding and clamped to [0, grid), holds every sample that can lie on the map.
+    (Only past |base| = 2**52 can the rounding exceed 2 indices; a sample then reaches the map only if
+    bin_size >= |base| - 1, so grid >= 2**52 and the bin's few samples on the map weigh nothing once
+    divided by the count.)
+    """
+    base = start + p * bin_size
+    if not adaptive:
+        indices = range(int(grid))
+    elif grid == 0:
+        indices = range(0)
+    elif not (math.isfinite(base) and math.isfinite(bin_size)):
+        # base +-inf or NaN, or an infinite bin (then grid is inf, and inf / inf is NaN): every sample is
+        # NaN or infinite, none lies on the map.
+        indices = range(0)
+    else:
+        step = bin_size / grid
+        lo = (-1 - base) / step - 0.5
+        hi = (size - base) / step - 0.5
+        first = math.ceil(min(max(lo - 2, 0.0), grid))
+        last = math.floor(max(min(hi + 2, grid - 1), -1.0))
+        indices = range(first, last + 1)
+    # torchvision's expression, rounding included.
+    return [start + p * bin_size + ((i + 0.5) * bin_size) / grid for i in indices]
 
 
 def _bilinear(fmap, y: float, x: float, height: int, width: int):
@@ -64,16 +100,18 @@ def roi_align_oracle(input: torch.Tensor, rois: torch.Tensor, output_size, spati
             roi_w = roi_w if math.isnan(roi_w) else max(roi_w, 1.0)
             roi_h = roi_h if math.isnan(roi_h) else max(roi_h, 1.0)
         bin_h, bin_w = roi_h / ph, roi_w / pw
-        grid_h = _grid(roi_h, ph, height, sampling_ratio)
-        grid_w = _grid(roi_w, pw, width, sampling_ratio)
-        count = max(grid_h * grid_w, 1)
+        adaptive = sampling_ratio <= 0
+        grid_h = _grid(roi_h, ph, sampling_ratio)
+        grid_w = _grid(roi_w, pw, sampling_ratio)
+        # No sample on one axis: count 1 (0 * inf would be NaN); an infinite grid: count inf, output 0.
+        count = max(grid_h * grid_w, 1.0) if grid_h > 0 and grid_w > 0 else 1.0
+        ys = [_sample_coords(start_h, bin_h, py, grid_h, height, adaptive) for py in range(ph)]
+        xs = [_sample_coords(start_w, bin_w, px, grid_w, width, adaptive) for px in range(pw)]
         for py in range(ph):
             for px in range(pw):
                 total = 0.0
-                for iy in range(grid_h):
-                    y = start_h + py * bin_h + ((iy + 0.5) * bin_h) / grid_h
-                    for ix in range(grid_w):
-                        x = start_w + px * bin_w + ((ix + 0.5) * bin_w) / grid_w
+                for y in ys[py]:
+                    for x in xs[px]:
                         value = _bilinear(fmap, y, x, height, width)
                         if value is not None:
                             total = total + value

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torchvision
+from groie_triton.kernels import roi_align as kernels
 from oracle import roi_align_oracle
 from tolerances import TOLERANCES, assert_close_to
 from torchvision.ops.poolers import initLevelMapper
 
 from groie_triton import MAX_LEVELS, MultiScaleRoIAlign, mapped_roi_align, multilevel_roi_align
-from groie_triton.kernels import roi_align as kernels
 
 STRIDES = [4, 8, 16, 32]
 

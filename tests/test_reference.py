@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 
 import pytest
@@ -38,9 +39,9 @@ def _uniform(gen, shape, low, high) -> torch.Tensor:
 
 
 def _boxes(gen, num_images: int, img_h: float, img_w: float, per_kind: int = 6) -> torch.Tensor:
-    """[K, 5] float64: boxes inside, partly outside, fully outside and tiny (one empty), x2 >= x1, y2 >= y1.
-
-    Sizes stay below 1.5x the image so the adaptive grid never reaches the H + 2 cap (torchvision has none).
+    """[K, 5] float64: boxes inside, partly outside, fully outside, much larger than the image and tiny
+    (one empty), x2 >= x1, y2 >= y1. The large ones mostly have adaptive grids of more than 2H + 6 samples
+    per bin, of which only those near the map are visited.
     """
     def kind(x_lo, x_hi, y_lo, y_hi, w_hi, h_hi):
         x1, y1 = _uniform(gen, per_kind, x_lo, x_hi), _uniform(gen, per_kind, y_lo, y_hi)
@@ -52,6 +53,7 @@ def _boxes(gen, num_images: int, img_h: float, img_w: float, per_kind: int = 6) 
         kind(-0.5 * img_w, img_w, -0.5 * img_h, img_h, 1.2 * img_w, 1.2 * img_h),  # partly outside
         kind(1.1 * img_w, 1.4 * img_w, 0, img_h, 0.3 * img_w, 0.3 * img_h),  # right of the image
         kind(0, img_w, -1.5 * img_h, -1.3 * img_h, 0.3 * img_w, 0.2 * img_h),  # above the image
+        kind(-10 * img_w, 0, -10 * img_h, 0, 20 * img_w, 20 * img_h),  # up to 20x the image, around it
         kind(0, img_w, 0, img_h, 0.4, 0.4),  # tiny
     ])
     boxes[-1, 2:] = boxes[-1, :2]  # empty
@@ -154,7 +156,7 @@ def _guard_rois() -> torch.Tensor:
         [1, inf, 1, 5, 5], [0, 1, 1, inf, 5], [0, -inf, -inf, inf, inf], [1, -inf, 1, 3, 3],
         # 1e30 boxes whose samples never cancel to the map in float32 (a symmetric one can, by rounding)
         [0, 1, 1, 1e30, 1e30], [0, -1e30, 0, 2.7e30, 4], [1, 1e30, 1e30, 1e30, 1e30],
-        [0, 0, 0, 40, 30],  # adaptive grid capped at H + 2 by W + 2 (torchvision would take 15 x 14)
+        [0, 0, 0, 40, 30],  # adaptive grid of 15 x 14: more than the map, torchvision's all the same
         [nan, 1, 1, 5, 5], [-1, 1, 1, 5, 5], [-0.5, 1, 1, 5, 5], [2, 1, 1, 5, 5], [1e10, 1, 1, 5, 5],
         [1.7, 0.5, 1, 5, 5], [0.999, 0.5, 1, 5, 5],  # fractional index: truncated
         [0, 6, 5, 2, 1], [1, 5, 1, 3, 6], [0, 2, 5, 6, 1],  # inverted boxes
@@ -177,13 +179,55 @@ def test_guards_match_oracle(dtype, aligned, sampling_ratio):
     assert out[0].abs().sum() > 0 and out[13:18].abs().sum() == 0  # valid box pooled; bad indices zero
 
 
-def test_guard_cap_changes_only_huge_adaptive_grids():
-    # The cap is the only intended difference from torchvision: a box below it is pooled identically.
-    gen = _gen(6)
-    x = _features(gen, (1, 2, 6, 7))
-    # ceil(14 / 2) = 7 <= H + 2 and ceil(16 / 3) = 6 <= W + 2
-    rois = torch.tensor([[0, 0, 0, 16, 14.0]], dtype=torch.float64)
-    assert_close(roi_align_ref(x, rois, (2, 3), 1.0, -1, False), roi_align(x, rois, (2, 3), 1.0, -1, False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_box_much_taller_than_a_one_pixel_map_matches_torchvision(dtype, aligned):
+    # torchvision samples this bin 4 times (1 on the map): the adaptive grid has no cap.
+    x = _features(_gen(6), (1, 3, 1, 1), dtype)
+    rois = torch.tensor([[0, 0, 0, 1, 4.0]], dtype=dtype)
+    out = roi_align_ref(x, rois, 1, 1.0, -1, aligned)
+    assert_close(out, roi_align(x, rois, 1, 1.0, -1, aligned), rtol=0, atol=0)
+    assert_close(out.double(), roi_align_oracle(x, rois, 1, 1.0, -1, aligned), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0])
+def test_boxes_much_larger_than_the_map_match_torchvision(dtype, aligned, sampling_ratio):
+    # Grids of 50 x 100 samples per bin (and more) on a 5 x 6 map: each bin visits only the samples
+    # near the map, 2H + 6 by 2W + 6 at most, and divides by the full count as torchvision does.
+    gen = _gen(16)
+    x = _features(gen, (2, 3, 5, 6), dtype)
+    rois = torch.tensor([
+        [0, 0, 0, 300, 100], [1, -150, -40, 150, 60], [0, -290, -90, 10, 10], [1, 3, -200, 4, 300],
+        [0, -1000, 2, 1000, 3],
+    ], dtype=dtype)
+    out = roi_align_ref(x, rois, (2, 3), 1.0, sampling_ratio, aligned)
+    expected = roi_align(x, rois, (2, 3), 1.0, sampling_ratio, aligned)
+    assert expected.abs().amax((1, 2, 3)).min() > 0  # every box reaches the map
+    assert_close(out, expected, **TOL[dtype])
+    assert_close(roi_align_oracle(x, rois, (2, 3), 1.0, sampling_ratio, aligned), expected.double(),
+                 **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_huge_and_infinite_boxes_are_cheap_and_finite(dtype, aligned):
+    inf = math.inf
+    x = _features(_gen(17), (2, 2, 6, 7), dtype)
+    rois = torch.tensor([
+        [0, 1, 1, 1e30, 1e30], [0, -1e30, 0, 2.7e30, 4], [1, -1e30, -1e30, 1e30, 1e30],
+        [0, 1, -1e30, 5, 1e30], [0, 0, 0, inf, inf], [1, -inf, -inf, inf, inf], [0, 1, -inf, 5, inf],
+        [1, 5, 1, 5, inf],
+    ], dtype=torch.float64)
+    began = time.perf_counter()
+    out = roi_align_ref(x, rois, (2, 3), 1.0, -1, aligned)
+    # Visiting 1e30 samples per bin would never end; the window is at most (2H + 6) x (2W + 6).
+    assert time.perf_counter() - began < 5
+    assert torch.isfinite(out).all()
+    assert_close(out.double(), roi_align_oracle(x, rois, (2, 3), 1.0, -1, aligned), **TOL[dtype])
+    # An infinite grid divides by an infinite count.
+    assert not out[4:].any()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 0, 0), (2, 3, 0, 5), (2, 3, 4, 0), (0, 3, 4, 5)])
