@@ -25,7 +25,8 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 # Baseline vs GRoIE Mask R-CNN (resnet18-FPN, from scratch) on the procedural shapes set, same seed and
-# schedule; ~30 min per model on a CPU, not in CI. Writes runs/detection/experiment/results.{json,md}.
+# schedule; roughly 15-35 min per model on 2 CPU cores (estimated), not in CI.
+# Writes runs/detection/experiment/results.{json,md}.
 .PHONY: experiment
 experiment: $(VENV)/.installed
 	$(PY) -m groie_triton.detection experiment --out runs/detection/experiment
