@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -161,7 +162,7 @@ def _kernel_args(features, rois, scales, sampling_ratio, aligned, aggregation, k
         rois_ptr=rois,
         heights=tuple(int(f.shape[2]) for f in features),
         widths=tuple(int(f.shape[3]) for f in features),
-        scales=tuple(scales),
+        **_split_scales(scales),
         N=int(f0.shape[0]), C=int(f0.shape[1]), sampling_ratio=int(max(sampling_ratio, 0)),
         canonical_scale=float(canonical_scale), canonical_level=float(canonical_level),
         finest_scale=float(finest_scale),
@@ -170,6 +171,18 @@ def _kernel_args(features, rois, scales, sampling_ratio, aligned, aggregation, k
         INDEX64=any(math.prod(f.shape[1:]) >= 2**31 for f in features),
         ACC=_acc_dtype(f0.dtype), enable_fp_fusion=True,
     )
+
+
+def _split_scales(scales: list[float]) -> dict[str, tuple[float, ...]]:
+    """Each scale as three float32 parts whose float64 sum is exact (Triton passes Python floats as float32)."""
+    parts = {"scales": [], "scales_mid": [], "scales_lo": []}
+    for s in scales:
+        rest = s
+        for name in parts:
+            part = float(np.float32(rest))
+            parts[name].append(part)
+            rest -= part
+    return {name: tuple(values) for name, values in parts.items()}
 
 
 def _grid(num_rois: int, channels: int):

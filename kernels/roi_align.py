@@ -106,6 +106,15 @@ def _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale
 
 
 @triton.jit
+def _level_scale(hi, mid, lo, ACC: tl.constexpr):
+    """A level's spatial scale: float32 arguments hi + mid + lo add up to the exact float64 value."""
+    scale = tl.cast(hi, ACC)
+    if ACC == tl.float64:
+        scale = scale + tl.cast(mid, ACC) + tl.cast(lo, ACC)
+    return scale
+
+
+@triton.jit
 def _level_setup(x1, y1, x2, y2, scale, H, W, sampling_ratio, enabled, PH: tl.constexpr, PW: tl.constexpr,
                  ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr):
     """RoI geometry on one level, as torchvision's roi_align computes it, plus the library's guards."""
@@ -197,7 +206,7 @@ def _image_level(feat, b, c_offs, C, H, W, CHANNELS_LAST: tl.constexpr, IDX: tl.
 )
 @triton.jit
 def _roi_align_fwd_kernel(
-    out_ptr, rois_ptr, feats, heights, widths, scales,
+    out_ptr, rois_ptr, feats, heights, widths, scales, scales_mid, scales_lo,
     N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
     o_stride_l, o_stride_k, o_stride_c, o_stride_ph, o_stride_pw,
     PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
@@ -228,7 +237,7 @@ def _roi_align_fwd_kernel(
             if MODE >= 2:
                 enabled = enabled & (target == lvl)
             start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
-                x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
+                x1, y1, x2, y2, _level_scale(scales[lvl], scales_mid[lvl], scales_lo[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
             img, chan, pix_stride = _image_level(feats[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
@@ -287,7 +296,7 @@ def _scatter(ptrs, value, mask, fixed_scale, FIXED_POINT: tl.constexpr):
 )
 @triton.jit
 def _roi_align_bwd_kernel(
-    grad_out_ptr, rois_ptr, grads, fixed_scale_ptr, heights, widths, scales,
+    grad_out_ptr, rois_ptr, grads, fixed_scale_ptr, heights, widths, scales, scales_mid, scales_lo,
     N, C, sampling_ratio, canonical_scale, canonical_level, finest_scale,
     g_stride_l, g_stride_k, g_stride_c, g_stride_ph, g_stride_pw,
     PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, K_MIN: tl.constexpr,
@@ -319,7 +328,7 @@ def _roi_align_bwd_kernel(
             if MODE >= 2:
                 enabled = enabled & (target == lvl)
             start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
-                x1, y1, x2, y2, tl.cast(scales[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
+                x1, y1, x2, y2, _level_scale(scales[lvl], scales_mid[lvl], scales_lo[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
                 ADAPTIVE, ACC)
             img, chan, pix_stride = _image_level(grads[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
@@ -382,7 +391,8 @@ def compile_specs(dtypes=("float32", "float16", "bfloat16", "float64")) -> list[
             grad_t = "i64" if constexprs.get("FIXED_POINT") else ("fp64" if dtype == "float64" else "fp32")
             types = {"out_ptr": f"*{t}", "grad_out_ptr": f"*{t}", "rois_ptr": "*fp32", "feats": (f"*{t}",) * levels,
                      "grads": (f"*{grad_t}",) * levels, "fixed_scale_ptr": "*fp64", "heights": ("i32",) * levels,
-                     "widths": ("i32",) * levels, "scales": ("fp32",) * levels, "canonical_scale": "fp32",
+                     "widths": ("i32",) * levels, "scales": ("fp32",) * levels,
+                     "scales_mid": ("fp32",) * levels, "scales_lo": ("fp32",) * levels, "canonical_scale": "fp32",
                      "canonical_level": "fp32", "finest_scale": "fp32"}
             for config in configs_for(tuner.configs, dtype == "float64"):
                 values = {**constexprs, **config.kwargs}
