@@ -174,7 +174,9 @@ def test_float16_map_of_2_to_31_elements_forward_and_backward():
     gc.collect()
     expected.backward(grad.double())
     assert_close_to(x.grad[0, :, -8:, -8:], window.grad[0].to(torch.float16), torch.float16)
-    assert x.grad[0, 2, : side - 8].abs().sum() == 0
+    # Nothing lands anywhere but the two RoIs' corners of the map.
+    corners = torch.count_nonzero(x.grad[0, :, -8:, -8:]) + torch.count_nonzero(x.grad[0, :, :8, :8])
+    assert torch.count_nonzero(x.grad) == corners > 0
 
 
 # ----------------------------------------------------------------------------------------- properties
