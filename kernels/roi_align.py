@@ -75,8 +75,12 @@ def _zero_grads(nargs, reset_only=False):
 
 
 @triton.jit
-def _roi_geometry(rois_ptr, k, N, ACC: tl.constexpr):
-    """Load RoI k; return its batch index (int64), whether that index is valid, and its corners."""
+def _roi_program(rois_ptr, N, C, canonical_scale, canonical_level, finest_scale, K_MIN: tl.constexpr,
+                 NUM_LEVELS: tl.constexpr, MODE: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """This program's RoI and channel block: RoI index, channels, batch index and its validity, corners and
+    (mapping modes) the one level it is pooled from."""
+    k = tl.program_id(0).to(tl.int64)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row = rois_ptr + k * 5
     b = tl.load(row).to(ACC)
     x1 = tl.load(row + 1).to(ACC)
@@ -86,7 +90,12 @@ def _roi_geometry(rois_ptr, k, N, ACC: tl.constexpr):
     # NaN fails both comparisons, so a NaN index is invalid too.
     b_valid = (b >= 0) & (b < N)
     b_index = tl.where(b_valid, b, 0).to(tl.int64)
-    return b_index, b_valid, x1, y1, x2, y2
+    if MODE >= 2:
+        target = _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN,
+                               NUM_LEVELS, MODE)
+    else:
+        target = 0
+    return k, c_offs, c_offs < C, b_index, b_valid, x1, y1, x2, y2, target
 
 
 @triton.jit
@@ -115,9 +124,18 @@ def _level_scale(hi, mid, lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _level_setup(x1, y1, x2, y2, scale, H, W, sampling_ratio, enabled, PH: tl.constexpr, PW: tl.constexpr,
+def _level_setup(lvl: tl.constexpr, height, width, scale_hi, scale_mid, scale_lo, x1, y1, x2, y2, b_valid, target,
+                 sampling_ratio, py, px, PH: tl.constexpr, PW: tl.constexpr, MODE: tl.constexpr,
                  ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr):
-    """RoI geometry on one level, as torchvision's roi_align computes it, plus the library's guards."""
+    """RoI geometry on level lvl, as torchvision's roi_align computes it, plus the library's guards; and, per
+    bin of the tile (py, px), the first sample index the loops visit."""
+    # tl.cast: a size of 1 arrives as a specialised constexpr, not a tensor.
+    H = tl.cast(height, tl.int32)
+    W = tl.cast(width, tl.int32)
+    enabled = b_valid
+    if MODE >= 2:
+        enabled = enabled & (target == lvl)
+    scale = _level_scale(scale_hi, scale_mid, scale_lo, ACC)
     offset = 0.5 if ALIGNED else 0.0
     start_w = x1 * scale - offset
     start_h = y1 * scale - offset
@@ -134,7 +152,9 @@ def _level_setup(x1, y1, x2, y2, scale, H, W, sampling_ratio, enabled, PH: tl.co
     gh, steps_h = _axis_grid(roi_h, H, sampling_ratio, on, PH, ADAPTIVE, ACC)
     gw, steps_w = _axis_grid(roi_w, W, sampling_ratio, on, PW, ADAPTIVE, ACC)
     count = tl.maximum(gh * gw, 1.0)
-    return start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count
+    first_y = _first_sample(start_h, bin_h, py.to(ACC), gh, ADAPTIVE)
+    first_x = _first_sample(start_w, bin_w, px.to(ACC), gw, ADAPTIVE)
+    return H, W, start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, first_y, first_x, count
 
 
 @triton.jit
@@ -214,15 +234,8 @@ def _roi_align_fwd_kernel(
     ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
-    k = tl.program_id(0).to(tl.int64)
-    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
-    b, b_valid, x1, y1, x2, y2 = _roi_geometry(rois_ptr, k, N, ACC)
-    if MODE >= 2:
-        target = _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN,
-                               NUM_LEVELS, MODE)
-    else:
-        target = 0
+    k, c_offs, c_mask, b, b_valid, x1, y1, x2, y2, target = _roi_program(
+        rois_ptr, N, C, canonical_scale, canonical_level, finest_scale, K_MIN, NUM_LEVELS, MODE, BLOCK_C, ACC)
     for bin0 in range(0, PH * PW, BLOCK_BINS):
         bins = bin0 + tl.arange(0, BLOCK_BINS)
         bin_mask = bins < PH * PW
@@ -230,20 +243,12 @@ def _roi_align_fwd_kernel(
         px = bins % PW
         acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
         for lvl in tl.static_range(NUM_LEVELS):
-            # tl.cast: a size of 1 arrives as a specialised constexpr, not a tensor.
-            H = tl.cast(heights[lvl], tl.int32)
-            W = tl.cast(widths[lvl], tl.int32)
-            enabled = b_valid
-            if MODE >= 2:
-                enabled = enabled & (target == lvl)
-            start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
-                x1, y1, x2, y2, _level_scale(scales[lvl], scales_mid[lvl], scales_lo[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
-                ADAPTIVE, ACC)
+            H, W, start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, first_y, first_x, count = _level_setup(
+                lvl, heights[lvl], widths[lvl], scales[lvl], scales_mid[lvl], scales_lo[lvl], x1, y1, x2, y2,
+                b_valid, target, sampling_ratio, py, px, PH, PW, MODE, ALIGNED, ADAPTIVE, ACC)
             img, chan, pix_stride = _image_level(feats[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
             lvl_acc = tl.zeros([BLOCK_BINS, BLOCK_C], ACC)
-            first_y = _first_sample(start_h, bin_h, py.to(ACC), gh, ADAPTIVE)
-            first_x = _first_sample(start_w, bin_w, px.to(ACC), gw, ADAPTIVE)
             for iy in range(0, steps_h):
                 y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), first_y + iy, gh, H, ACC)
                 hy = 1.0 - ly
@@ -304,15 +309,8 @@ def _roi_align_bwd_kernel(
     FIXED_POINT: tl.constexpr, ACC: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     IDX: tl.constexpr = tl.int64 if INDEX64 else tl.int32
-    k = tl.program_id(0).to(tl.int64)
-    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
-    b, b_valid, x1, y1, x2, y2 = _roi_geometry(rois_ptr, k, N, ACC)
-    if MODE >= 2:
-        target = _target_level(x1, y1, x2, y2, canonical_scale, canonical_level, finest_scale, K_MIN,
-                               NUM_LEVELS, MODE)
-    else:
-        target = 0
+    k, c_offs, c_mask, b, b_valid, x1, y1, x2, y2, target = _roi_program(
+        rois_ptr, N, C, canonical_scale, canonical_level, finest_scale, K_MIN, NUM_LEVELS, MODE, BLOCK_C, ACC)
     fixed_scale = tl.load(fixed_scale_ptr).to(ACC) if FIXED_POINT else 1.0
     for bin0 in range(0, PH * PW, BLOCK_BINS):
         bins = bin0 + tl.arange(0, BLOCK_BINS)
@@ -321,23 +319,15 @@ def _roi_align_bwd_kernel(
         px = bins % PW
         tile_mask = bin_mask[:, None] & c_mask[None, :]
         for lvl in tl.static_range(NUM_LEVELS):
-            # tl.cast: a size of 1 arrives as a specialised constexpr, not a tensor.
-            H = tl.cast(heights[lvl], tl.int32)
-            W = tl.cast(widths[lvl], tl.int32)
-            enabled = b_valid
-            if MODE >= 2:
-                enabled = enabled & (target == lvl)
-            start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, count = _level_setup(
-                x1, y1, x2, y2, _level_scale(scales[lvl], scales_mid[lvl], scales_lo[lvl], ACC), H, W, sampling_ratio, enabled, PH, PW, ALIGNED,
-                ADAPTIVE, ACC)
+            H, W, start_w, start_h, bin_w, bin_h, gh, gw, steps_h, steps_w, first_y, first_x, count = _level_setup(
+                lvl, heights[lvl], widths[lvl], scales[lvl], scales_mid[lvl], scales_lo[lvl], x1, y1, x2, y2,
+                b_valid, target, sampling_ratio, py, px, PH, PW, MODE, ALIGNED, ADAPTIVE, ACC)
             img, chan, pix_stride = _image_level(grads[lvl], b, c_offs, C, H, W, CHANNELS_LAST, IDX)
             chan = chan[None, :]
             g_level = tl.cast(g_stride_l, tl.int64) * lvl if MODE == 1 else 0
             g = tl.load(grad_out_ptr + g_level + k * g_stride_k + c_offs[None, :].to(tl.int64) * g_stride_c
                         + (py * g_stride_ph + px * g_stride_pw)[:, None],
                         mask=tile_mask & (steps_h > 0), other=0.0).to(ACC) / count
-            first_y = _first_sample(start_h, bin_h, py.to(ACC), gh, ADAPTIVE)
-            first_x = _first_sample(start_w, bin_w, px.to(ACC), gw, ADAPTIVE)
             for iy in range(0, steps_h):
                 y_lo, y_hi, ly, y_in = _axis_sample(start_h, bin_h, py.to(ACC), first_y + iy, gh, H, ACC)
                 hy = 1.0 - ly
