@@ -312,6 +312,19 @@ def groie_paper_cfg(kind: str = "bbox", channels: int = 256) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the layer
+def _build_pre_post(module: nn.Module, pre_cfg, post_cfg) -> None:
+    """Set with_pre / with_post and build pre_module / post_module as mmdetection's GenericRoIExtractor does.
+
+    Built in mmdetection's order (post first), so state_dict keys come out in the same order.
+    """
+    module.with_post = post_cfg is not None
+    module.with_pre = pre_cfg is not None
+    if module.with_post:
+        module.post_module = build_plugin(post_cfg, "post_cfg")
+    if module.with_pre:
+        module.pre_module = build_plugin(pre_cfg, "pre_cfg")
+
+
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -466,13 +479,7 @@ class GenericRoIExtractor(nn.Module):
         self.featmap_strides = featmap_strides
         self.finest_scale = finest_scale
         self.aggregation = aggregation
-        self.with_post = post_cfg is not None
-        self.with_pre = pre_cfg is not None
-        # Built in mmdetection's order (post first), so state_dict keys come out in the same order.
-        if self.with_post:
-            self.post_module = build_plugin(post_cfg, "post_cfg")
-        if self.with_pre:
-            self.pre_module = build_plugin(pre_cfg, "pre_cfg")
+        _build_pre_post(self, pre_cfg, post_cfg)
 
         pre_out = getattr(self.pre_module, "out_channels", None) if self.with_pre else None
         if pre_out is not None:
@@ -584,12 +591,7 @@ class GRoIEPooler(_TorchvisionMultiScaleRoIAlign):
         _check_aggregation(aggregation)
         self.aggregation = aggregation
         self.aligned = aligned
-        self.with_post = post_cfg is not None
-        self.with_pre = pre_cfg is not None
-        if self.with_post:
-            self.post_module = build_plugin(post_cfg, "post_cfg")
-        if self.with_pre:
-            self.pre_module = build_plugin(pre_cfg, "pre_cfg")
+        _build_pre_post(self, pre_cfg, post_cfg)
 
     @classmethod
     def from_paper(cls, featmap_names: list[str], kind: str = "bbox", channels: int = 256) -> GRoIEPooler:
