@@ -152,7 +152,7 @@ def _roi_align_acc(input: Tensor, rois: Tensor, output_size: tuple[int, int], sp
     gh = _grid_size(roi_h, ph, sampling_ratio)
     gw = _grid_size(roi_w, pw, sampling_ratio)
     # fmax: an infinite grid times an empty one (NaN) has no sample, count 1; an infinite grid gives 0.
-    count = torch.fmax(gh * gw, torch.ones((), dtype=acc))
+    count = torch.fmax(gh * gw, gh.new_ones(()))
     vh, vw = _visited(gh, height, sampling_ratio), _visited(gw, width, sampling_ratio)
 
     batch = rois[:, 0]
