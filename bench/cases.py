@@ -9,6 +9,8 @@ interpreter. A provider maps :class:`Inputs` to the pooled ``[K, C, ph, pw]`` te
     loop              mmdetection's GRoIE: zeros, then per level torchvision.ops.roi_align added in place
     torchvision_msra  torchvision.ops.MultiScaleRoIAlign: each RoI pooled from one level (LevelMapper)
     groie_single      groie_triton.MultiScaleRoIAlign: the same result, the level chosen inside the kernel
+    groie_deterministic  groie's forward; its backward under torch.use_deterministic_algorithms(True)
+                      (int64 fixed-point atomics: bit-identical run to run)
 
 ``groie`` and ``loop`` compute GRoIE's sum (aligned=True); ``torchvision_msra`` and ``groie_single`` compute
 the classic FPN pooling (aligned=False, as torchvision's pooler). Parity compares each provider with the
@@ -17,9 +19,10 @@ torchvision provider of the same maths, run in float64 (:data:`PARITY_REFERENCE`
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -70,6 +73,7 @@ PARITY_REFERENCE = {
     "loop": "loop",
     "torchvision_msra": "torchvision_msra",
     "groie_single": "torchvision_msra",
+    "groie_deterministic": "loop",
 }
 """The provider whose float64 run is each provider's reference."""
 
@@ -350,8 +354,34 @@ _RUN: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "loop": _loop,
     "torchvision_msra": _torchvision_msra,
     "groie_single": _groie_single,
+    "groie_deterministic": _groie,
 }
 assert tuple(_RUN) == PROVIDERS
+DETERMINISTIC_BACKWARD = frozenset({"groie_deterministic"})
+"""Providers whose backward runs under ``torch.use_deterministic_algorithms(True)`` (forward unchanged)."""
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(True) inside (when ``on``), the previous setting restored after."""
+    if not on:
+        yield
+        return
+    prev, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn_only)
+
+
+def _grad(provider: str, out: torch.Tensor, x: Inputs, retain_graph: bool = False) -> tuple[torch.Tensor, ...]:
+    """The provider's backward: ``torch.autograd.grad(out, features, grad_out)``, deterministic if it asks."""
+    with _deterministic(provider in DETERMINISTIC_BACKWARD):
+        return torch.autograd.grad(out, x.features, x.grad_out, retain_graph=retain_graph)
 
 
 def run_provider(provider: str, x: Inputs) -> torch.Tensor:
@@ -370,9 +400,9 @@ def mode_callable(provider: str, x: Inputs, mode: str) -> Callable[[], object]:
         return lambda: _RUN[provider](x)
     if mode == "backward":
         out = _RUN[provider](x)
-        return lambda: torch.autograd.grad(out, x.features, x.grad_out, retain_graph=True)
+        return lambda: _grad(provider, out, x, retain_graph=True)
     if mode == "forward_backward":
-        return lambda: torch.autograd.grad(_RUN[provider](x), x.features, x.grad_out)
+        return lambda: _grad(provider, _RUN[provider](x), x)
     raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
 
 
@@ -403,7 +433,7 @@ class Parity:
 
 def _forward_backward(provider: str, x: Inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     out = _RUN[provider](x)
-    return out.detach(), [g.detach() for g in torch.autograd.grad(out, x.features, x.grad_out)]
+    return out.detach(), [g.detach() for g in _grad(provider, out, x)]
 
 
 def parity(provider: str, x: Inputs, references: dict[str, tuple] | None = None) -> Parity:

@@ -21,9 +21,16 @@ Byte model (DRAM traffic, no L2 reuse across kernels, every element counted at i
 - ``aten::nonzero`` (``torch.where(mask)``) is counted as one launch and one host sync; on CUDA it is a few
   CUB kernels and a device-to-host copy, so the baseline's count is a lower bound.
 
+Deterministic backward (provider ``groie_deterministic``, ``torch.use_deterministic_algorithms(True)``): the
+same op, written out as the ATen ops its implementation dispatches (:func:`deterministic_backward_inner`,
+checked in tests/test_bench.py) around one scatter of int64 fixed-point atomics (8 bytes read and written per
+atomic). Deterministic mode also fills memory it allocates uninitialised
+(``torch.utils.deterministic.fill_uninitialized_memory``): the buffers of ``zeros_like``, the copies of
+``_to_copy`` and the output of ``linalg_vector_norm`` get one more fill kernel each, counted here (read from a
+CPU profile: the fills run inside the dispatched ops, below what ``TorchDispatchMode`` sees).
+
 What is not modelled: sector granularity (an NCHW gather wastes part of each 32-byte sector, channels_last
-does not), L2 hits between kernels, the CPU cost of launching (which the launch count stands for), and the
-fused backward's deterministic mode (int64 fixed-point buffers under torch.use_deterministic_algorithms).
+does not), L2 hits between kernels, and the CPU cost of launching (which the launch count stands for).
 """
 
 from __future__ import annotations
@@ -43,16 +50,18 @@ __all__ = [
     "Problem",
     "cost",
     "dispatched_ops",
+    "deterministic_backward_inner",
 ]
 
 H100_SXM_BYTES_PER_S = 3.35e12
 """Peak HBM3 bandwidth of an H100 SXM, the roofline the model's times are quoted at."""
 
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
-PROVIDERS = ("groie", "loop", "torchvision_msra", "groie_single")
+PROVIDERS = ("groie", "loop", "torchvision_msra", "groie_single", "groie_deterministic")
 MODES = ("forward", "backward", "forward_backward")
 _INDEX = 8  # int64 index tensors
 _MASK = 1  # bool
+_STORAGE = {**ITEMSIZE, "int64": 8}  # sizes of buffers, which may also be int64 fixed-point accumulators
 
 
 @dataclass(frozen=True)
@@ -147,16 +156,16 @@ class Problem:
     # Sizes in bytes.
     def level(self, lvl: int, dtype: str) -> int:
         h, w = self.level_shapes[lvl]
-        return self.n_images * self.channels * h * w * ITEMSIZE[dtype]
+        return self.n_images * self.channels * h * w * _STORAGE[dtype]
 
     def out(self, k: int, dtype: str) -> int:
-        return k * self.channels * self.output_size**2 * ITEMSIZE[dtype]
+        return k * self.channels * self.output_size**2 * _STORAGE[dtype]
 
     def rois(self, k: int, dtype: str) -> int:
-        return k * 5 * ITEMSIZE[dtype]
+        return k * 5 * _STORAGE[dtype]
 
     def gathered(self, lvl: int, k: int, dtype: str) -> int:
-        corners = k * self.output_size**2 * self.sampling_ratio**2 * 4 * self.channels * ITEMSIZE[dtype]
+        corners = k * self.output_size**2 * self.sampling_ratio**2 * 4 * self.channels * _STORAGE[dtype]
         return min(corners, self.level(lvl, dtype))
 
 
@@ -393,17 +402,93 @@ def _single_backward(p: Problem) -> list[Op]:
     return _fused_backward(p, list(p.level_counts), "fused scatter: grad read once, atomic adds into its level")
 
 
+# ---------------------------------------------------------------------------------- groie_deterministic
+def _det_fill(what: str, written: int) -> Kernel:
+    return _kernel(f"deterministic mode fills the uninitialised {what}", 0, written)
+
+
+def deterministic_backward_inner(p: Problem) -> list[Op]:
+    """The ATen ops inside groie::roi_align_backward under torch.use_deterministic_algorithms(True), in order.
+
+    ops.py ``_backward_triton``: max |grad| in float64 (one reduction) and a fixed-point scale (scalars), one
+    zeroed int64 buffer per level, the scatter of int64 atomics, an unscale factor (NaN when the gradient is not
+    finite), then per level ``g.to(acc).mul_(unscale).to(dtype)`` (acc: float64 for float64, else float32).
+    Deterministic mode also fills what it allocates uninitialised (the norm's output, each copy, each buffer).
+    """
+    k, d, f64, i64 = p.num_rois, p.dtype, "fp64", "int64"
+    acc = f64 if d == f64 else "fp32"
+    f, a = ITEMSIZE[f64], ITEMSIZE[acc]
+    ops = [
+        _op("aten::linalg_vector_norm", _det_fill("float64 max|grad|", f),
+            _kernel("max |grad| in float64 (a reduction to one scalar)", p.out(k, d), f)),
+        _op("aten::clamp_min", _kernel("scale: amax.clamp_min(2**-1000)", f, f)),
+        _op("aten::reciprocal", _kernel("scale: 1 / amax", f, f)),
+        _op("aten::mul", _kernel("scale: 2**(62 - headroom) / amax", f, f)),
+        _op("aten::clamp_max", _kernel("scale: clamp_max(2**120)", f, f)),
+    ]
+    ops += [
+        _op(
+            "aten::zeros_like",
+            _det_fill(f"level {lvl} int64 buffer (empty_like)", p.level(lvl, i64)),
+            _kernel(f"zero-fill level {lvl} gradient (int64)", 0, p.level(lvl, i64)),
+        )
+        for lvl in range(p.num_levels)
+    ]
+    ops += [
+        _op("aten::reciprocal", _kernel("unscale: 1 / scale", f, f)),
+        _op("aten::sub", _kernel("amax - amax: 0, or NaN when the gradient is not finite", 2 * f, f)),
+        _op("aten::add", _kernel("unscale + (amax - amax)", 2 * f, f)),
+        _op("aten::_to_copy", _det_fill(f"{acc} unscale", a), _kernel(f"unscale to {acc}", f, a)),
+    ]
+    for lvl in range(p.num_levels):
+        ops += [
+            _op(
+                "aten::_to_copy",
+                _det_fill(f"level {lvl} {acc} copy", p.level(lvl, acc)),
+                _kernel(f"level {lvl} int64 -> {acc}", p.level(lvl, i64), p.level(lvl, acc)),
+            ),
+            _op("aten::mul_", _kernel(f"level {lvl} * unscale", p.level(lvl, acc) + a, p.level(lvl, acc))),
+        ]
+        if d != acc:
+            ops.append(
+                _op(
+                    "aten::_to_copy",
+                    _det_fill(f"level {lvl} {d} gradient", p.level(lvl, d)),
+                    _kernel(f"level {lvl} gradient {acc} -> {d}", p.level(lvl, acc), p.level(lvl, d)),
+                )
+            )
+    return ops
+
+
+def _deterministic_backward(p: Problem) -> list[Op]:
+    """groie::roi_align_backward under torch.use_deterministic_algorithms(True): one dispatched op, whose
+    kernels are those of :func:`deterministic_backward_inner` plus the fixed-point scatter."""
+    inner = deterministic_backward_inner(p)
+    at = next(i for i, op in enumerate(inner) if op.name == "aten::reciprocal" and i > 2)  # the scatter runs here
+    scattered = sum(p.gathered(lvl, p.num_rois, "int64") for lvl in range(p.num_levels))
+    scatter = _kernel(
+        "fused scatter: grad read once, int64 fixed-point atomic adds into every level",
+        p.rois(p.num_rois, "fp32") + p.out(p.num_rois, p.dtype) + ITEMSIZE["fp64"] + scattered,
+        scattered,
+    )
+    before, after = ([kn for op in ops for kn in op.kernels] for ops in (inner[:at], inner[at:]))
+    kernels = [*before, scatter, *after]
+    return [_op("groie::roi_align_backward", *kernels)]
+
+
 _FORWARD: dict[str, Callable[[Problem], list[Op]]] = {
     "groie": _groie_forward,
     "loop": _loop_forward,
     "torchvision_msra": _msra_forward,
     "groie_single": _single_forward,
+    "groie_deterministic": _groie_forward,
 }
 _BACKWARD: dict[str, Callable[[Problem], list[Op]]] = {
     "groie": _groie_backward,
     "loop": _loop_backward,
     "torchvision_msra": _msra_backward,
     "groie_single": _single_backward,
+    "groie_deterministic": _deterministic_backward,
 }
 
 

@@ -217,7 +217,7 @@ def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, align
         # at most K * ph * pw bin contributions, each at most max|grad|: scale so that this bound fits in 62
         # bits. The scale is a device tensor: no host synchronisation.
         headroom = math.ceil(math.log2(num_rois * ph * pw + 1)) + 1
-        amax = grad.detach().abs().amax().double() if grad.numel() else grad.new_zeros((), dtype=torch.float64)
+        amax = torch.linalg.vector_norm(grad.detach(), math.inf, dtype=torch.float64)  # max |grad|, one pass
         fixed_scale = (2.0 ** (62 - headroom) / amax.clamp_min(2.0**-1000)).clamp_max(2.0**120).reshape(1)
         grads = [torch.zeros_like(f, dtype=torch.int64, memory_format=fmt) for f in features]
     else:
@@ -234,8 +234,10 @@ def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, align
                            mapping_args, ph, pw, channels_last),
         )
     if deterministic:
-        finite = torch.isfinite(amax)
-        return [torch.where(finite, g.double() / fixed_scale, math.nan).to(f.dtype) for g, f in zip(grads, features)]
+        # amax - amax is NaN when the incoming gradient is not finite: so is then every level's gradient.
+        acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+        unscale = (fixed_scale.reciprocal() + (amax - amax)).to(acc_dtype)
+        return [g.to(acc_dtype).mul_(unscale).to(f.dtype) for g, f in zip(grads, features)]
     return [g.to(f.dtype) for g, f in zip(grads, features)]
 
 

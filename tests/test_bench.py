@@ -94,7 +94,7 @@ def test_quick_run_without_gpu_has_no_timings(quick):
 
 
 def test_quick_run_parity_of_groie_kernels_within_tolerance(quick):
-    ours = [r for r in _records(quick) if r["provider"] in ("groie", "groie_single")]
+    ours = [r for r in _records(quick) if r["provider"] in ("groie", "groie_single", "groie_deterministic")]
     assert ours
     for r in ours:
         assert r["max_abs_err"] is not None, r
@@ -211,14 +211,14 @@ def test_gpu_code_path_runs_end_to_end_with_a_cpu_timer(tmp_path):
         device="cpu",
         sizer=tiny,
     )
-    assert len(timed) == len(records) == 12
+    assert len(timed) == len(records) == 3 * len(cases.PROVIDERS)
     for r in records:
         assert r["error"] is None and r["gpu"] == "Fake GPU"
         assert (r["median_ms"], r["q20_ms"], r["q80_ms"]) == (2.0, 1.5, 2.5)
         assert r["speedup_vs_loop"] == 1.0
         assert r["gbps"] == pytest.approx(r["modeled_bytes"] / 2e-3 / 1e9)
         assert r["roofline_pct"] == pytest.approx(r["gbps"] / 10)
-        if r["provider"] in ("groie", "groie_single"):
+        if r["provider"] in ("groie", "groie_single", "groie_deterministic"):
             assert r["parity_ok"], r
     table = cli.format_table(records, timed=True)
     assert "groie x loop" in table and "1.00x" in table
@@ -258,7 +258,7 @@ TRACE_CASES = [
 @pytest.mark.parametrize(
     "provider, case",
     [(p, c) for p in ("loop", "torchvision_msra") for c in TRACE_CASES]
-    + [(p, TRACE_CASES[0]) for p in ("groie", "groie_single")],
+    + [(p, TRACE_CASES[0]) for p in ("groie", "groie_single", "groie_deterministic")],
 )
 def test_modelled_ops_are_the_ops_the_provider_dispatches(provider, case, mode):
     size = cases.reduced_size(case)
@@ -270,6 +270,67 @@ def test_modelled_ops_are_the_ops_the_provider_dispatches(provider, case, mode):
     dispatched = cost_model.dispatched_ops(fn)
     modelled = Counter(op.name for op in cost_model.cost(cases.problem(case, size), provider, mode).ops)
     assert dispatched == modelled
+
+
+# ---------------------------------------------------------------------------------- deterministic backward
+def test_deterministic_backward_bytes_against_groie_at_the_default_case():
+    """Issue 7: the deterministic backward's modelled cost against the atomic (float) one, default case."""
+    prob = cases.problem(cases.DEFAULT_CASE)
+    levels = [(200, 336), (100, 168), (50, 84), (25, 42)]
+    lv4 = sum(2 * 256 * h * w * 4 for h, w in levels)  # all levels, 4 bytes an element
+    corners8 = 1024 * 7 * 7 * 2 * 2 * 4 * 256 * 8
+    g8 = sum(min(corners8, 2 * 256 * h * w * 8) for h, w in levels)  # int64 atomics
+    out, rois, n = 1024 * 256 * 7 * 7 * 4, 1024 * 5 * 4, len(levels)
+    det = cost_model.cost(prob, "groie_deterministic", "backward")
+    groie = cost_model.cost(prob, "groie", "backward")
+    assert [op.name for op in det.ops] == ["groie::roi_align_backward"]
+    # max|grad| reads the grad; per level: int64 buffer filled twice (16), to float32 (filled 4, read 8,
+    # written 4), * unscale (read 4, written 4): 40 bytes per float32 element. The scatter: grad once, int64
+    # atomics read and written.
+    large = out + rois + out + 2 * g8 + 10 * lv4
+    assert 0 < det.bytes - large < 256  # and a few scalars: the scale and unscale factors
+    assert det.launches == 6 + 2 * n + 1 + 5 + 3 * n
+    assert (groie.launches, det.launches) == (5, 32)
+    ratio = det.bytes / groie.bytes
+    assert 4.0 < ratio < 5.0, ratio
+    print(
+        f"default-case backward: groie {groie.bytes} B / {groie.launches} launches, groie_deterministic "
+        f"{det.bytes} B / {det.launches} launches, ratio {ratio:.3f} (bytes), {det.launches / groie.launches:.1f}"
+        " (launches)"
+    )
+
+
+@pytest.mark.parametrize("case", [TRACE_CASES[0], TRACE_CASES[1]], ids=lambda c: c.name)
+def test_deterministic_backward_inner_ops_are_the_ops_it_dispatches(case):
+    """Inside groie::roi_align_backward (which is all TorchDispatchMode sees of it from outside): the ATen ops
+    of ops._backward_triton under deterministic mode, less the interpreter's host copies of the kernel's
+    arguments (a GPU launch makes none)."""
+    from groie_triton import ops
+
+    x = cases.make_inputs(case, dataclasses.replace(cases.reduced_size(case), num_rois=2))
+    args = (case.scales, case.output_size, case.output_size, cases.SAMPLING_RATIO, True, "sum", 0, (224.0, 4.0, 56.0))
+    feats = [f.detach() for f in x.features]
+    with cases._deterministic(True):
+        seen = cost_model.dispatched_ops(lambda: ops._backward_triton(x.grad_out, x.rois, feats, *args))
+    interpreter = {"aten::new_empty", "aten::empty", "aten::set_", "aten::copy_"}
+    dispatched = Counter({k: v for k, v in seen.items() if k not in interpreter})
+    modelled = Counter(op.name for op in cost_model.deterministic_backward_inner(cases.problem(case, x.size)))
+    assert dispatched == modelled
+
+
+def test_deterministic_backward_is_bit_identical_run_to_run_and_restores_the_setting():
+    case = cases.DEFAULT_CASE
+    x = cases.make_inputs(case, cases.reduced_size(case))
+    assert not torch.are_deterministic_algorithms_enabled()
+    backward = cases.mode_callable("groie_deterministic", x, "backward")
+    first, second = backward(), backward()
+    assert not torch.are_deterministic_algorithms_enabled()  # switched on around the backward only
+    for a, b in zip(first, second, strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert any(bool(a.abs().max() > 0) for a in first)
+    # Same maths as groie's float backward, within groie's parity tolerance.
+    for a, b in zip(first, cases.mode_callable("groie", x, "backward")(), strict=True):
+        assert (a - b).abs().max().item() <= cases.TOLERANCE[case.dtype] * max(1.0, b.abs().max().item())
 
 
 # ------------------------------------------------------------------------------------ autotuner reset_to_zero
