@@ -115,10 +115,14 @@ def boxes_to_rois(boxes, like: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- launchers
+def _layout_is_channels_last(f: torch.Tensor) -> bool:
+    return not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
+
+
 def _layout(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
     """Read NCHW and channels_last natively; anything else (or a mix) is made contiguous once."""
     f0 = features[0]
-    channels_last = not f0.is_contiguous() and f0.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _layout_is_channels_last(f0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return [f.contiguous(memory_format=fmt) for f in features], channels_last
 
@@ -212,6 +216,8 @@ def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, align
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     num_rois, channels = rois.shape[0], features[0].shape[1]
     deterministic = torch.are_deterministic_algorithms_enabled()
+    # float32 accumulation for half types (atomics on fp16/bf16 lose the small terms), float64 for float64.
+    acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
     if deterministic:
         # Fixed point: int64 atomics, whose sum does not depend on their order. A pixel of one level receives
         # at most K * ph * pw bin contributions, each at most max|grad|: scale so that this bound fits in 62
@@ -221,8 +227,6 @@ def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, align
         fixed_scale = (2.0 ** (62 - headroom) / amax.clamp_min(2.0**-1000)).clamp_max(2.0**120).reshape(1)
         grads = [torch.zeros_like(f, dtype=torch.int64, memory_format=fmt) for f in features]
     else:
-        # Half-precision gradients accumulate in float32 buffers: atomics on fp16/bf16 lose the small terms.
-        acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
         grads = [torch.zeros_like(f, dtype=acc_dtype, memory_format=fmt) for f in features]
         fixed_scale = grad
     if grad.numel() > 0:
@@ -235,7 +239,6 @@ def _backward_triton(grad, rois, features, scales, ph, pw, sampling_ratio, align
         )
     if deterministic:
         # amax - amax is NaN when the incoming gradient is not finite: so is then every level's gradient.
-        acc_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
         unscale = (fixed_scale.reciprocal() + (amax - amax)).to(acc_dtype)
         return [g.to(acc_dtype).mul_(unscale).to(f.dtype) for g, f in zip(grads, features)]
     return [g.to(f.dtype) for g, f in zip(grads, features)]
@@ -275,10 +278,6 @@ def _(features, rois, scales, pooled_height, pooled_width, sampling_ratio, align
       canonical_scale, canonical_level, finest_scale):
     channels_last = _layout_is_channels_last(features[0])
     return _empty_output(features, aggregation, rois.shape[0], pooled_height, pooled_width, channels_last)
-
-
-def _layout_is_channels_last(f: torch.Tensor) -> bool:
-    return not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("groie::roi_align_backward", mutates_args=())
