@@ -6,12 +6,18 @@ import os
 
 import torch
 
-__all__ = ["backend_for", "interpreter_enabled"]
+__all__ = ["backend_for", "interpreter_enabled", "acc_dtype"]
 
 
 def interpreter_enabled() -> bool:
     """True when the Triton interpreter is switched on (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every implementation (kernels and reference) accumulates in for ``dtype`` storage: float64
+    for float64, float32 for everything else (half types lose small terms when summed in half)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def backend_for(tensor: torch.Tensor) -> str:

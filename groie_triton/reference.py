@@ -16,21 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from groie_triton.backend import acc_dtype
+from groie_triton.ops.geometry import AGGREGATIONS, MAPPINGS, PoolGeometry
+
 __all__ = [
     "roi_align_ref",
     "multilevel_roi_align_ref",
     "mapped_roi_align_ref",
+    "pool_ref",
     "map_levels_torchvision",
     "map_levels_mmdet",
+    "level_sum_act_ref",
+    "level_sum_act_backward_ref",
 ]
 
 # Sample taps (index, weight, mask) built at once: bounds memory whatever the number of RoIs and the adaptive
 # grid (a huge box visits up to (2H + 6) x (2W + 6) samples per bin), while keeping the Python loop short.
 _TAP_BUDGET = 1 << 22
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -137,7 +139,7 @@ def _roi_align_acc(input: Tensor, rois: Tensor, output_size: tuple[int, int], sp
         raise ValueError(f"input must be [N, C, H, W], got shape {tuple(input.shape)}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must be [K, 5] (batch index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     n, channels, height, width = input.shape
     ph, pw = _pair(output_size)
     rois = rois.detach().to(device=input.device, dtype=acc)
@@ -241,8 +243,8 @@ def multilevel_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_si
     Raises:
         ValueError: unknown aggregation, no level, or len(spatial_scales) != len(features).
     """
-    if aggregation not in ("sum", "concat", "stack"):
-        raise ValueError(f"aggregation must be 'sum', 'concat' or 'stack', got {aggregation!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not features or len(features) != len(spatial_scales):
         raise ValueError(f"need one spatial scale per level, got {len(features)} levels and "
                          f"{len(spatial_scales)} scales")
@@ -264,7 +266,7 @@ def _level_index(level: Tensor, lowest: int, highest: int) -> Tensor:
 
 def _roi_sizes(rois: Tensor) -> Tensor:
     """sqrt of the box area, in float64 for float64 rois and float32 otherwise; NaN for a negative area."""
-    boxes = rois.detach()[:, 1:].to(_acc_dtype(rois.dtype))
+    boxes = rois.detach()[:, 1:].to(acc_dtype(rois.dtype))
     return torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
 
 
@@ -304,12 +306,12 @@ def mapped_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_size: 
     Raises:
         ValueError: unknown mapping, no level, or len(spatial_scales) != len(features).
     """
-    if mapping not in ("torchvision", "mmdet"):
-        raise ValueError(f"mapping must be 'torchvision' or 'mmdet', got {mapping!r}")
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
     if not features or len(features) != len(spatial_scales):
         raise ValueError(f"need one spatial scale per level, got {len(features)} levels and "
                          f"{len(spatial_scales)} scales")
-    acc = _acc_dtype(features[0].dtype)
+    acc = acc_dtype(features[0].dtype)
     rois = rois.detach().to(device=features[0].device, dtype=acc)
     if mapping == "torchvision":
         levels = map_levels_torchvision(rois, spatial_scales, canonical_scale, canonical_level)
@@ -322,3 +324,48 @@ def mapped_roi_align_ref(features: Sequence[Tensor], rois: Tensor, output_size: 
         out = out.index_copy(0, index, _roi_align_acc(feature, rois[index], output_size, scale,
                                                       sampling_ratio, aligned))
     return _finish(out, features[0])
+
+
+def pool_ref(features: Sequence[Tensor], rois: Tensor, geometry: PoolGeometry) -> Tensor:
+    """The op ``groie::roi_align`` on the reference backend: :func:`multilevel_roi_align_ref` for a geometry
+    with an aggregation, :func:`mapped_roi_align_ref` for one with a level mapping."""
+    g = geometry
+    if g.mapping is not None:
+        return mapped_roi_align_ref(features, rois, g.output_size, g.spatial_scales, g.sampling_ratio, g.aligned,
+                                    g.mapping, canonical_scale=g.canonical_scale,
+                                    canonical_level=int(g.canonical_level), finest_scale=g.finest_scale)
+    return multilevel_roi_align_ref(features, rois, g.output_size, g.spatial_scales, g.sampling_ratio, g.aligned,
+                                    g.aggregation)
+
+
+# ------------------------------------------------------------------------------------ level sum + activation
+def _activate(v: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return torch.relu(v)
+    if activation == "leaky_relu":
+        return F.leaky_relu(v, negative_slope)
+    return v
+
+
+def level_sum_act_ref(y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """``sum_l act(y[l])`` over the first dimension, level 0 first, in the accumulation dtype; y's dtype.
+
+    ``activation`` is ``"none"``, ``"relu"`` or ``"leaky_relu"`` (with ``negative_slope``).
+    """
+    acc = acc_dtype(y.dtype)
+    out = _activate(y[0].to(acc), activation, negative_slope)
+    for level in y[1:]:
+        out = out + _activate(level.to(acc), activation, negative_slope)
+    return out.to(y.dtype)
+
+
+def level_sum_act_backward_ref(grad: Tensor, y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """Gradient of :func:`level_sum_act_ref` with respect to y, contiguous: ``grad * act'(y[l])`` per level,
+    with torch's derivative at 0 and for NaN (0 for relu, ``negative_slope`` for leaky_relu)."""
+    acc = acc_dtype(y.dtype)
+    g = grad.to(acc).expand_as(y)
+    if activation == "relu":
+        g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    elif activation == "leaky_relu":
+        g = torch.where(y > 0, g, g * negative_slope)
+    return g.to(y.dtype).contiguous()

@@ -1,6 +1,7 @@
 """Robustness: deterministic backward, 64-bit offsets, grid limits, bad boxes, property-based fuzzing."""
 
 import gc
+import importlib
 import math
 import os
 
@@ -9,10 +10,10 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import roi_align_oracle
-from tolerances import TOLERANCES, assert_close_to
 
-from groie_triton import mapped_roi_align, multilevel_roi_align, ops, roi_align
+from groie_triton import mapped_roi_align, multilevel_roi_align, roi_align
+from groie_triton.testing import TOLERANCES, assert_close_to, make_pyramid, random_rois
+from tests.oracle import roi_align_oracle
 
 # CI runs the "ci" profile (300+ examples per property); HYPOTHESIS_PROFILE=dev runs a larger one locally.
 settings.register_profile("ci", max_examples=160, deadline=None, derandomize=True,
@@ -21,19 +22,18 @@ settings.register_profile("dev", max_examples=2000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The module, not the function of the same name that groie_triton.ops exports.
+roi_align_op = importlib.import_module("groie_triton.ops.roi_align")
+
 SCALES = [1 / 4, 1 / 8, 1 / 16]
 
 
-def pyramid(dtype=torch.float32, n=2, c=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, c, s, s + 2, generator=g, dtype=torch.float64).to(dtype) for s in (16, 8, 4)]
+IMAGE = (64, 72)
 
 
-def rois_for(n=2, k=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(k, 2, generator=g) * 60
-    wh = torch.rand(k, 2, generator=g) * 40 + 1
-    return torch.cat([(torch.arange(k) % n).float()[:, None], xy, xy + wh], 1)
+def pyramid(dtype=torch.float32):
+    """Three levels of 3 channels, strides 4, 8 and 16 of a 64 x 72 image, for SCALES."""
+    return make_pyramid(n=2, c=3, image=IMAGE, strides=(4, 8, 16), dtype=dtype)
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ CALLS = {
 def test_deterministic_backward_is_bit_identical(deterministic, monkeypatch, backend, dtype, call):
     if backend == "reference":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-    feats, rois = pyramid(dtype), rois_for()
+    feats, rois = pyramid(dtype), random_rois(n=2, image=IMAGE, k=10)
     first = grads_of(lambda fs: CALLS[call](fs, rois), feats)
     second = grads_of(lambda fs: CALLS[call](fs, rois), feats)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -79,7 +79,7 @@ def test_deterministic_backward_is_bit_identical(deterministic, monkeypatch, bac
 def test_deterministic_backward_matches_torchvision_in_float64(deterministic):
     x = torch.randn(2, 3, 12, 13, dtype=torch.float64, requires_grad=True)
     x_tv = x.detach().clone().requires_grad_()
-    rois = rois_for(k=12).double() / 4
+    rois = random_rois(n=2, image=(12, 13), k=12, min_size=0.5, max_size=10, dtype=torch.float64)
     roi_align(x, rois, 7, 1.0, 2, True).sum().backward()
     torch.use_deterministic_algorithms(False)
     torchvision.ops.roi_align(x_tv, rois, 7, 1.0, 2, True).sum().backward()
@@ -95,7 +95,7 @@ def test_deterministic_backward_of_non_finite_gradient_is_nan(deterministic):
 
 def test_grid_puts_rois_on_the_unbounded_axis():
     # CUDA's grid y and z are limited to 65535; x to 2**31 - 1. RoIs go on x.
-    grid = ops._grid(1_000_000, 256)({"BLOCK_C": 32})
+    grid = roi_align_op._grid(1_000_000, 256)({"BLOCK_C": 32})
     assert grid == (1_000_000, 8)
 
 
@@ -128,7 +128,7 @@ BAD_ROWS = {
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, True), (0, False)])
 def test_bad_boxes_table(row, sampling_ratio, aligned):
     x = torch.randn(2, 3, 10, 11)
-    good = rois_for(k=4) / 3
+    good = random_rois(n=2, image=(20, 22), k=4, min_size=1, max_size=14)
     box, expected = BAD_ROWS[row]
     rois = torch.cat([good[:2], torch.tensor([box]), good[2:]])
     out = roi_align(x, rois, 3, 0.5, sampling_ratio, aligned)
@@ -145,7 +145,7 @@ def test_zero_rois_and_empty_levels_table():
     feats = pyramid() + [torch.zeros(2, 3, 0, 5)]
     out = multilevel_roi_align(feats, torch.zeros(0, 5), 7, SCALES + [1 / 32], aggregation="stack")
     assert out.shape == (4, 0, 3, 7, 7)
-    rois = rois_for(k=3)
+    rois = random_rois(n=2, image=IMAGE, k=3)
     out = multilevel_roi_align(feats, rois, 7, SCALES + [1 / 32], aggregation="stack")
     assert not out[3].any()
     assert_close_to(out[:3].sum(0), multilevel_roi_align(feats[:3], rois, 7, SCALES))

@@ -6,33 +6,13 @@ import pytest
 import torch
 import torchvision
 from groie_triton.kernels import roi_align as kernels
-from oracle import roi_align_oracle
-from tolerances import TOLERANCES, assert_close_to
 from torchvision.ops.poolers import initLevelMapper
 
 from groie_triton import MAX_LEVELS, MultiScaleRoIAlign, mapped_roi_align, multilevel_roi_align
+from groie_triton.testing import TOLERANCES, assert_close_to, make_pyramid, random_rois
+from tests.oracle import roi_align_oracle
 
 STRIDES = [4, 8, 16, 32]
-
-
-def make_pyramid(n=2, c=4, image=(64, 80), strides=STRIDES, dtype=torch.float32, channels_last=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for s in strides:
-        f = torch.randn(n, c, math.ceil(image[0] / s), math.ceil(image[1] / s), generator=g, dtype=torch.float64)
-        f = f.to(dtype)
-        feats.append(f.contiguous(memory_format=torch.channels_last) if channels_last else f)
-    return feats
-
-
-def make_rois(n=2, image=(64, 80), k=6, seed=0, dtype=torch.float32):
-    """Boxes from 4 to 100 pixels, some crossing the image border, on every image."""
-    g = torch.Generator().manual_seed(seed)
-    size = torch.exp(torch.empty(k, 2, dtype=torch.float64).uniform_(math.log(4), math.log(100), generator=g))
-    centre = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([image[1], image[0]])
-    boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
-    index = (torch.arange(k) % n).to(torch.float64)[:, None]
-    return torch.cat([index, boxes], 1).to(dtype)
 
 
 def loop(feats, rois, output_size, scales, sampling_ratio, aligned, aggregation):
@@ -51,7 +31,7 @@ SCALES = [1 / s for s in STRIDES]
     + [("sum", 14, 2, True), ("concat", 14, 0, False)],
 )
 def test_aggregations_match_per_level_loop(aggregation, output_size, sampling_ratio, aligned):
-    feats, rois = make_pyramid(dtype=torch.float64), make_rois(dtype=torch.float64)
+    feats, rois = make_pyramid(dtype=torch.float64), random_rois(dtype=torch.float64)
     out = multilevel_roi_align(feats, rois, output_size, SCALES, sampling_ratio, aligned, aggregation)
     expected = loop(feats, rois, output_size, SCALES, sampling_ratio, aligned, aggregation)
     assert out.shape == expected.shape
@@ -63,7 +43,7 @@ def test_aggregations_match_per_level_loop(aggregation, output_size, sampling_ra
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes_and_layouts_match_float64_loop(dtype, channels_last, aggregation):
     feats = make_pyramid(dtype=dtype, channels_last=channels_last)
-    rois = make_rois()
+    rois = random_rois()
     out = multilevel_roi_align(feats, rois, 7, SCALES, 2, True, aggregation)
     assert out.dtype == dtype
     expected = loop([f.double() for f in feats], rois.double(), 7, SCALES, 2, True, aggregation)
@@ -75,7 +55,7 @@ def test_dtypes_and_layouts_match_float64_loop(dtype, channels_last, aggregation
 def test_backward_matches_per_level_loop(aggregation, channels_last):
     feats = [f.requires_grad_() for f in make_pyramid(dtype=torch.float64, channels_last=channels_last)]
     feats_tv = [f.detach().clone().requires_grad_() for f in feats]
-    rois = make_rois(dtype=torch.float64)
+    rois = random_rois(dtype=torch.float64)
     out = multilevel_roi_align(feats, rois, 7, SCALES, 2, True, aggregation)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -88,7 +68,7 @@ def test_backward_matches_per_level_loop(aggregation, channels_last):
 def test_half_backward_accumulates_in_float32(dtype):
     feats = [f.requires_grad_() for f in make_pyramid(dtype=dtype)]
     feats64 = [f.detach().double().requires_grad_() for f in feats]
-    rois = make_rois()
+    rois = random_rois()
     multilevel_roi_align(feats, rois, 7, SCALES, 2, True).sum().backward()
     loop(feats64, rois.double(), 7, SCALES, 2, True, "sum").sum().backward()
     for f, f64 in zip(feats, feats64):
@@ -99,14 +79,14 @@ def test_half_backward_accumulates_in_float32(dtype):
 @pytest.mark.parametrize("aggregation", ["sum", "stack"])
 def test_gradcheck_float64(aggregation):
     feats = [f.requires_grad_() for f in make_pyramid(n=1, c=2, image=(24, 24), strides=[4, 8], dtype=torch.float64)]
-    rois = make_rois(n=1, image=(24, 24), k=3, dtype=torch.float64)
+    rois = random_rois(n=1, image=(24, 24), k=3, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda *fs: multilevel_roi_align(fs, rois, 3, [1 / 4, 1 / 8], 2, True, aggregation), tuple(feats),
         fast_mode=True)
 
 
 def test_unequal_levels_zero_size_level_one_and_six_levels():
-    rois = make_rois()
+    rois = random_rois()
     one = make_pyramid(strides=[8])
     assert_close_to(multilevel_roi_align(one, rois, 7, [1 / 8]), loop(one, rois, 7, [1 / 8], 2, True, "sum"))
     six = make_pyramid(strides=[2, 4, 8, 16, 32, 64])
@@ -132,7 +112,7 @@ def test_empty_rois_give_empty_outputs_and_zero_grads():
 def test_max_levels_supported():
     strides = [2**i for i in range(MAX_LEVELS)]
     feats = make_pyramid(n=1, c=2, image=(32, 32), strides=strides)
-    rois = make_rois(n=1, image=(32, 32), k=2)
+    rois = random_rois(n=1, image=(32, 32), k=2)
     scales = [1 / s for s in strides]
     assert_close_to(multilevel_roi_align(feats, rois, 3, scales), loop(feats, rois, 3, scales, 2, True, "sum"))
 
@@ -195,7 +175,7 @@ def test_multiscale_roialign_matches_torchvision_with_images_of_different_sizes(
 def test_multiscale_roialign_single_level_and_backward():
     x = {"p3": torch.randn(2, 3, 16, 20, dtype=torch.float64, requires_grad=True)}
     x_tv = {"p3": x["p3"].detach().clone().requires_grad_()}
-    rois = make_rois(image=(128, 160), dtype=torch.float64)
+    rois = random_rois(image=(128, 160), dtype=torch.float64)
     boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     ours = MultiScaleRoIAlign(["p3"], 5, 2)(x, boxes, [(128, 160)] * 2)
     theirs = torchvision.ops.MultiScaleRoIAlign(["p3"], 5, 2)(x_tv, boxes, [(128, 160)] * 2)
@@ -217,12 +197,12 @@ def test_one_launch_each_way_whatever_the_levels(monkeypatch):
 
         monkeypatch.setattr(kernel, "run", counting)
     feats = [f.requires_grad_() for f in make_pyramid()]
-    multilevel_roi_align(feats, make_rois(), 7, SCALES).sum().backward()
+    multilevel_roi_align(feats, random_rois(), 7, SCALES).sum().backward()
     assert launches == ["_roi_align_fwd_kernel", "_roi_align_bwd_kernel"]
 
 
 def test_torch_compile_fullgraph_multilevel():
-    feats, rois = make_pyramid(), make_rois()
+    feats, rois = make_pyramid(), random_rois()
 
     def f(feats, rois):
         return multilevel_roi_align(feats, rois, 7, SCALES, 2, True, "sum").relu()
@@ -240,14 +220,14 @@ def test_torch_compile_fullgraph_multilevel():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
-    args = dict(features=make_pyramid(), rois=make_rois(), output_size=7, spatial_scales=SCALES)
+    args = dict(features=make_pyramid(), rois=random_rois(), output_size=7, spatial_scales=SCALES)
     with pytest.raises((error, TypeError), match=match):
         multilevel_roi_align(**{**args, **kwargs})
 
 
 def test_mismatched_levels_raise():
     feats = make_pyramid()
-    rois = make_rois()
+    rois = random_rois()
     with pytest.raises(ValueError, match=r"features\[1\] has batch size 1 but level 0 has 2"):
         multilevel_roi_align([feats[0], feats[1][:1]], rois, 7, SCALES[:2])
     with pytest.raises(ValueError, match=r"features\[1\] has 2 channels but level 0 has 4"):

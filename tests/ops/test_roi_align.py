@@ -1,13 +1,15 @@
 """Single-level roi_align and RoIAlign: parity with torchvision and a float64 oracle (kernels interpreted)."""
 
+import warnings
+
 import pytest
 import torch
 import torchvision
-from oracle import roi_align_oracle
-from tolerances import TOLERANCES, assert_close_to
 
 import groie_triton
 from groie_triton import RoIAlign, backend_for, roi_align
+from groie_triton.testing import TOLERANCES, assert_close_to, edge_rois
+from tests.oracle import roi_align_oracle
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -22,22 +24,9 @@ def make_input(n=2, c=5, h=11, w=13, dtype=torch.float32, layout="contiguous", s
     return x
 
 
-def make_rois(n=2, h=11, w=13, scale=0.5, dtype=torch.float32):
+def make_rois(dtype=torch.float32):
     """Boxes in image coordinates: inside, partly outside, fully outside, tiny, degenerate, every image."""
-    H, W = h / scale, w / scale
-    boxes = [
-        [0, 2.0, 3.0, W - 4.0, H - 2.0],  # inside
-        [1, -7.5, -3.0, W / 2, H / 3],  # partly outside, top-left
-        [0, W / 2, H / 2, W + 9.0, H + 5.5],  # partly outside, bottom-right
-        [1, W + 3.0, H + 3.0, W + 20.0, H + 30.0],  # fully outside
-        [0, 5.3, 6.1, 5.9, 6.4],  # tiny
-        [1, 4.0, 4.0, 4.0, 9.0],  # degenerate: zero width
-        [0, 0.0, 0.0, W, H],  # whole image
-        [1, 1.7, 2.9, 13.1, 7.3],  # fractional
-    ]
-    rois = torch.tensor(boxes, dtype=torch.float64)
-    rois[:, 0] = rois[:, 0] % n
-    return rois.to(dtype)
+    return edge_rois(n=2, h=11, w=13, scale=0.5, dtype=dtype)
 
 
 @pytest.mark.parametrize("output_size", [(7, 7), (3, 4), (14, 14)])
@@ -188,6 +177,55 @@ def test_torch_compile_fullgraph_equals_eager():
     torch.testing.assert_close(compiled(x, rois), f(x, rois), atol=0, rtol=0)
     graph = torch.fx.symbolic_trace(RoIAlign(7, 0.5, 2, True)).graph
     assert [n.target for n in graph.nodes if n.op == "call_function"] == [roi_align]
+
+
+def test_torch_compile_dynamic_module_equals_eager():
+    # Under dynamic=True the module's spatial_scale is traced as a symbolic float: the argument checks must
+    # compile (no math.isfinite on it) and the result must be eager's.
+    x, rois = torch.rand(2, 24, 10, 10), torch.tensor([[0.0, 0, 0, 9, 9]])
+    module = RoIAlign((2, 2), 0.25, 2)
+    compiled = torch.compile(module, dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(x, rois), module(x, rois), atol=0, rtol=0)
+    f = torch.compile(lambda x, r, s: roi_align(x, r, 3, s, 2, True), dynamic=True, fullgraph=True)
+    x, rois = make_input(), make_rois()
+    for scale in (0.5, 0.25):
+        torch.testing.assert_close(f(x, rois, scale), roi_align(x, rois, 3, scale, 2, True), atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def scripted_roi_align():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
+        return torch.jit.script(roi_align)
+
+
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, False), (-1, True)])
+def test_scripted_roi_align_equals_eager(scripted_roi_align, sampling_ratio, aligned):
+    x, rois = make_input(), make_rois()
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    expected = roi_align(x, rois, (3, 4), 0.5, sampling_ratio, aligned)
+    torch.testing.assert_close(scripted_roi_align(x, rois, (3, 4), 0.5, sampling_ratio, aligned), expected,
+                               atol=0, rtol=0)
+    # An int output_size broadcasts, a list of boxes is converted, defaults are torchvision's.
+    torch.testing.assert_close(scripted_roi_align(x, boxes, 7, 0.5, sampling_ratio, aligned),
+                               roi_align(x, boxes, 7, 0.5, sampling_ratio, aligned), atol=0, rtol=0)
+    torch.testing.assert_close(scripted_roi_align(x, rois, 2), roi_align(x, rois, 2), atol=0, rtol=0)
+
+
+def test_scripted_roi_align_matches_scripted_torchvision_forward_and_backward(scripted_roi_align):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        theirs = torch.jit.script(torchvision.ops.roi_align)
+    x = make_input(dtype=torch.float64).requires_grad_()
+    x_tv = x.detach().clone().requires_grad_()
+    rois = make_rois(dtype=torch.float64)
+    out = scripted_roi_align(x, rois, [7, 7], 0.5, 2, True)
+    expected = theirs(x_tv, rois, [7, 7], 0.5, 2, True)
+    assert_close_to(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert_close_to(x.grad, x_tv.grad)
 
 
 def test_torchvision_feature_extraction_sees_roialign_as_leaf():

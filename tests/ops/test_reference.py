@@ -19,15 +19,12 @@ from groie_triton.reference import (
     multilevel_roi_align_ref,
     roi_align_ref,
 )
+from groie_triton.testing import TOLERANCES
 from tests.oracle import roi_align_oracle
 
-# One tolerance per dtype, relative to outputs of order 1 (randn features).
-TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
+# The library's table, but the reference is held to 1e-12 in float64: it computes exactly as torchvision's
+# float64 op but for the order of a few sums, where the kernels are allowed a looser 1e-10.
+TOL = {**TOLERANCES, torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 def _gen(seed: int) -> torch.Generator:
