@@ -17,7 +17,8 @@ offsets between query and key, divided by sqrt(2). As in mmcv, when bit 1 is set
 of query (y, x) uses the query content of pixel (x, y) (a transposition in mmcv's code that its checkpoints
 carry), so those types need a square query grid, as RoI features are. Keys and values come from the input
 subsampled by ``kv_stride``, queries from the input subsampled by ``q_stride`` (the output is upsampled back
-bilinearly).
+bilinearly); as in mmcv, the subsampling is done by the ``kv_downsample`` / ``q_downsample`` modules (a 1x1
+``AvgPool2d`` with that stride, None at stride 1), which hold no state.
 The attended values go through ``proj_conv`` and are added to the input scaled by ``gamma``, which starts at
 zero so a freshly built block is the identity.
 """
@@ -129,6 +130,10 @@ class GeneralizedAttention(nn.Module):
             self.geom_bias = nn.Parameter(torch.empty(qk_channels).uniform_(-bias_bound, bias_bound))
         self.proj_conv = nn.Conv2d(self.v_dim * num_heads, in_channels, kernel_size=1, bias=True)
         self.gamma = nn.Parameter(torch.zeros(1))
+        # mmcv's subsampling modules (no state): a 1x1 average with stride s takes every s-th pixel, the
+        # same values as slicing [::s, ::s]; None at stride 1, as in mmcv.
+        self.q_downsample = nn.AvgPool2d(kernel_size=1, stride=q_stride) if q_stride > 1 else None
+        self.kv_downsample = nn.AvgPool2d(kernel_size=1, stride=kv_stride) if kv_stride > 1 else None
 
         if spatial_range >= 0 and in_channels in _MMCV_LOCAL_MAP_SIZE:
             size = _MMCV_LOCAL_MAP_SIZE[in_channels]
@@ -181,8 +186,8 @@ class GeneralizedAttention(nn.Module):
             )
         content_q, position_q, content_k, position_k = self.attention_type
         heads, d = self.num_heads, self.qk_embed_dim
-        x_q = x[:, :, :: self.q_stride, :: self.q_stride]
-        x_kv = x[:, :, :: self.kv_stride, :: self.kv_stride]
+        x_q = x if self.q_downsample is None else self.q_downsample(x)
+        x_kv = x if self.kv_downsample is None else self.kv_downsample(x)
         n, _, h, w = x_q.shape
         h_kv, w_kv = x_kv.shape[2:]
 
@@ -235,6 +240,6 @@ class GeneralizedAttention(nn.Module):
         value = self.value_conv(x_kv).reshape(n, heads, self.v_dim, h_kv * w_kv)
         out = torch.matmul(attention, value.transpose(2, 3))
         out = self.proj_conv(out.transpose(2, 3).reshape(n, heads * self.v_dim, h, w))
-        if self.q_stride > 1 and not saliency_only:
+        if self.q_downsample is not None and not saliency_only:
             out = F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
         return self.gamma * out + x

@@ -11,19 +11,31 @@ This module builds that layer from mmdetection's config dicts (so GRoIE checkpoi
 - no pre-module: one :func:`~groie_triton.ops.multilevel_roi_align` launch with the sum (or concat) fused;
 - a shared :class:`ConvModule` pre-module: one ``"stack"`` launch, the conv (and a per-sample norm) run ONCE
   over all L*K RoI features as one batch, then one fused activation + level-sum pass
-  (:func:`groie_triton.kernels.level_sum.level_sum_act`), forward and backward;
+  (:func:`groie_triton.ops.level_sum_act`), forward and backward;
 - any other pre-module: one ``"stack"`` launch, then the module on each level.
 
 The results are those of mmdetection's loop. A norm whose output depends on the batch (BatchNorm in
 training mode, an InstanceNorm that tracks running statistics in training mode) is run level by level, as
-the loop runs it, so its statistics and running-stat updates are the loop's too.
+the loop runs it, so its statistics and running-stat updates are the loop's too. The mmcv building blocks
+(ConvModule, the cfg builders) live in :mod:`groie_triton.bricks` and are re-exported here.
+
+As mmdetection's GenericRoIExtractor, :class:`GenericRoIExtractor` pools from the levels it is given (the
+first ``len(feats)`` strides) and returns ``[0, out_channels, h, w]`` for no RoIs. Deliberate differences:
+
+- one feature level runs the whole pipeline (pre-module, aggregation, post-module, roi_scale_factor), where
+  mmdetection returns the bare RoIAlign output, so the modules' parameters are always used;
+- no RoIs give zeros that depend on every parameter (a zero gradient each, so DistributedDataParallel does
+  not wait for gradients that never come), where mmdetection's zeros are outside the graph; the inputs are
+  checked as for K > 0, where mmdetection returns before looking at them;
+- bad arguments raise ValueError naming the argument where mmdetection asserts (AssertionError, gone under
+  ``python -O``): an unknown aggregation, concat channels that do not add up to ``out_channels`` (checked at
+  construction over all ``featmap_strides`` when the pre-module's output channels are known); more feature
+  levels than strides are a ValueError too (an IndexError in mmdetection).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,10 +43,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import MultiScaleRoIAlign as _TorchvisionMultiScaleRoIAlign
 
-from groie_triton.attention import GeneralizedAttention
-from groie_triton.kernels.level_sum import level_sum_act
-from groie_triton.ops import boxes_to_rois, multilevel_roi_align
-from groie_triton.poolers import RoIAlign, infer_scales, select_features
+from groie_triton.bricks import ConvModule, build_plugin, build_roi_layers
+from groie_triton.ops import boxes_to_rois, level_sum_act, multilevel_roi_align
+from groie_triton.poolers import infer_scales, select_features
 
 __all__ = [
     "ConvModule",
@@ -45,248 +56,8 @@ __all__ = [
     "groie_paper_cfg",
 ]
 
-AGGREGATIONS = ("sum", "concat")
-
-_RELU = MappingProxyType({"type": "ReLU"})
-
-
-# ------------------------------------------------------------------------------------------ cfg helpers
-def _split_type(cfg: Any, key: str, registry: Mapping[str, Any]) -> tuple[Any, dict]:
-    """(registry entry, remaining arguments) of a cfg dict; ValueError naming ``key`` when it is unusable."""
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"{key} must be a dict with a 'type' key, got {type(cfg).__name__}")
-    args = dict(cfg)
-    if "type" not in args:
-        raise ValueError(f"{key} has no 'type' key; expected one of {sorted(registry)}")
-    kind = args.pop("type")
-    if kind not in registry:
-        raise ValueError(f"{key}['type'] = {kind!r} is not supported; expected one of {sorted(registry)}")
-    return registry[kind], args
-
-
-def _construct(cls, args: dict, key: str):
-    try:
-        return cls(**args)
-    except TypeError as exc:
-        raise TypeError(f"{key}: cannot build {cls.__name__} from {args}: {exc}") from exc
-
-
-_CONV_TYPES = {"Conv": nn.Conv2d, "Conv2d": nn.Conv2d}
-# mmcv's names: the attribute a ConvModule stores its norm under is "bn", "gn" or "in".
-_NORM_TYPES = {
-    "BN": (nn.BatchNorm2d, "bn"),
-    "BN2d": (nn.BatchNorm2d, "bn"),
-    "SyncBN": (nn.SyncBatchNorm, "bn"),
-    "GN": (nn.GroupNorm, "gn"),
-    "IN": (nn.InstanceNorm2d, "in"),
-    "IN2d": (nn.InstanceNorm2d, "in"),
-}
-_ACT_TYPES = {
-    "ReLU": nn.ReLU,
-    "LeakyReLU": nn.LeakyReLU,
-    "PReLU": nn.PReLU,
-    "RReLU": nn.RReLU,
-    "ReLU6": nn.ReLU6,
-    "ELU": nn.ELU,
-    "Sigmoid": nn.Sigmoid,
-    "Tanh": nn.Tanh,
-    "GELU": nn.GELU,
-    "SiLU": nn.SiLU,
-    "Swish": nn.SiLU,
-}
-# Activations built with mmcv's `inplace` setting; the others take no such argument.
-_INPLACE_ACTS = {"ReLU", "LeakyReLU", "RReLU", "ReLU6", "ELU", "SiLU", "Swish"}
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _build_norm(norm_cfg: Mapping, num_features: int) -> tuple[str, nn.Module]:
-    (cls, name), args = _split_type(norm_cfg, "norm_cfg", _NORM_TYPES)
-    requires_grad = args.pop("requires_grad", True)
-    args.setdefault("eps", 1e-5)
-    if cls is nn.GroupNorm:
-        if "num_groups" not in args:
-            raise ValueError("norm_cfg['num_groups'] is required for type 'GN'")
-        layer = _construct(cls, dict(num_channels=num_features, **args), "norm_cfg")
-    else:
-        layer = _construct(cls, dict(num_features=num_features, **args), "norm_cfg")
-    for param in layer.parameters():
-        param.requires_grad = requires_grad
-    return name, layer
-
-
-class ConvModule(nn.Module):
-    """Conv2d + optional norm + optional activation, with mmcv ConvModule's arguments and state_dict keys.
-
-    Keys: ``conv.weight``, ``conv.bias`` (when there is a bias: by default exactly when there is no norm),
-    the norm under ``bn`` / ``gn`` / ``in`` as mmcv names it, and ``activate.weight`` for PReLU.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as nn.Conv2d.
-        bias: ``"auto"`` (bias iff no norm) or a bool.
-        conv_cfg: None or ``dict(type="Conv2d" | "Conv")``.
-        norm_cfg: None or ``dict(type="BN" | "BN2d" | "SyncBN" | "GN" | "IN" | "IN2d", ...)`` (GN needs
-            ``num_groups``; ``requires_grad`` freezes the norm's affine parameters).
-        act_cfg: None (no activation) or ``dict(type="ReLU" | "LeakyReLU" | "PReLU" | "RReLU" | "ReLU6" |
-            "ELU" | "Sigmoid" | "Tanh" | "GELU" | "SiLU" | "Swish", ...)``; default ReLU.
-        inplace: in-place activation where the activation supports it.
-        with_spectral_norm: wrap the conv in ``torch.nn.utils.spectral_norm``.
-        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
-        order: a permutation of ``("conv", "norm", "act")``.
-
-    Raises:
-        ValueError: an unknown type in a cfg dict (the message names the key), a bad order or padding mode.
-        TypeError: a cfg dict that is not a dict, or arguments its type does not take.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool | str = "auto",
-        conv_cfg: Mapping | None = None,
-        norm_cfg: Mapping | None = None,
-        act_cfg: Mapping | None = _RELU,
-        inplace: bool = True,
-        with_spectral_norm: bool = False,
-        padding_mode: str = "zeros",
-        order: Sequence[str] = ("conv", "norm", "act"),
-    ) -> None:
-        super().__init__()
-        order = tuple(order)
-        if len(order) != 3 or set(order) != {"conv", "norm", "act"}:
-            raise ValueError(f"order must be a permutation of ('conv', 'norm', 'act'), got {order!r}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        if bias != "auto" and not isinstance(bias, bool):
-            raise ValueError(f"bias must be 'auto' or a bool, got {bias!r}")
-        conv_cls, conv_args = nn.Conv2d, {}
-        if conv_cfg is not None:
-            conv_cls, conv_args = _split_type(conv_cfg, "conv_cfg", _CONV_TYPES)
-
-        self.conv_cfg = None if conv_cfg is None else dict(conv_cfg)
-        self.norm_cfg = None if norm_cfg is None else dict(norm_cfg)
-        self.act_cfg = None if act_cfg is None else dict(act_cfg)
-        self.inplace = inplace
-        self.with_spectral_norm = with_spectral_norm
-        self.order = order
-        self.with_norm = norm_cfg is not None
-        self.with_activation = act_cfg is not None
-        self.with_bias = (not self.with_norm) if bias == "auto" else bias
-
-        conv = _construct(
-            conv_cls,
-            dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
-                 padding=padding, dilation=dilation, groups=groups, bias=self.with_bias,
-                 padding_mode=padding_mode, **conv_args),
-            "conv_cfg",
-        )
-        self.in_channels = conv.in_channels
-        self.out_channels = conv.out_channels
-        self.kernel_size = conv.kernel_size
-        self.stride = conv.stride
-        self.padding = padding
-        self.dilation = conv.dilation
-        self.groups = conv.groups
-        self.conv = conv
-
-        if self.with_norm:
-            norm_channels = out_channels if order.index("norm") > order.index("conv") else in_channels
-            self.norm_name, norm = _build_norm(norm_cfg, norm_channels)
-            self.add_module(self.norm_name, norm)
-        else:
-            self.norm_name = None
-
-        if self.with_activation:
-            act_cls, act_args = _split_type(act_cfg, "act_cfg", _ACT_TYPES)
-            if act_cfg["type"] in _INPLACE_ACTS:
-                act_args.setdefault("inplace", inplace)
-            self.activate = _construct(act_cls, act_args, "act_cfg")
-
-        self.reset_parameters()
-        if with_spectral_norm:
-            self.conv = nn.utils.spectral_norm(self.conv)
-
-    @property
-    def norm(self) -> nn.Module | None:
-        """The norm layer (``self.bn`` / ``self.gn`` / ``self.in``), or None."""
-        return getattr(self, self.norm_name) if self.norm_name else None
-
-    def reset_parameters(self) -> None:
-        """mmcv's initialisation: Kaiming-normal (fan_out) conv weight, zero bias, norm weight 1, bias 0."""
-        if self.with_activation and self.act_cfg["type"] == "LeakyReLU":
-            a, nonlinearity = self.act_cfg.get("negative_slope", 0.01), "leaky_relu"
-        else:
-            a, nonlinearity = 0, "relu"
-        nn.init.kaiming_normal_(self.conv.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-        norm = self.norm
-        if norm is not None and getattr(norm, "weight", None) is not None:
-            nn.init.ones_(norm.weight)
-            nn.init.zeros_(norm.bias)
-
-    def forward(self, x: torch.Tensor, activate: bool = True, norm: bool = True) -> torch.Tensor:
-        """[N, in_channels, H, W] -> [N, out_channels, H', W'], the layers in ``order``."""
-        for layer in self.order:
-            if layer == "conv":
-                x = self.conv(x)
-            elif layer == "norm" and norm and self.with_norm:
-                x = self.norm(x)
-            elif layer == "act" and activate and self.with_activation:
-                x = self.activate(x)
-        return x
-
-
-_PLUGIN_TYPES = {"ConvModule": ConvModule, "GeneralizedAttention": GeneralizedAttention}
-
-
-def build_plugin(cfg: Mapping | nn.Module, key: str = "cfg") -> nn.Module:
-    """A pre/post module from an mmdetection cfg dict (``type`` "ConvModule" or "GeneralizedAttention").
-
-    An ``nn.Module`` is returned as it is. ``key`` names the argument in error messages (ValueError for an
-    unknown type, TypeError for arguments the type does not take).
-    """
-    if isinstance(cfg, nn.Module):
-        return cfg
-    cls, args = _split_type(cfg, key, _PLUGIN_TYPES)
-    return _construct(cls, args, key)
-
-
-_ROI_LAYER_KEYS = ("output_size", "sampling_ratio", "aligned", "pool_mode", "use_torchvision")
-
-
-def _roi_layer_args(cfg: Mapping) -> dict:
-    """output_size (pair), sampling_ratio and aligned of an mmcv RoIAlign cfg, mmcv's defaults filled in."""
-    _, args = _split_type(cfg, "roi_layer", {"RoIAlign": None})
-    for name in args:
-        if name not in _ROI_LAYER_KEYS:
-            raise ValueError(f"roi_layer[{name!r}] is not a RoIAlign argument; those are {_ROI_LAYER_KEYS}")
-    if "output_size" not in args:
-        raise ValueError("roi_layer['output_size'] is required")
-    if args.get("pool_mode", "avg") != "avg":
-        raise ValueError(f"roi_layer['pool_mode'] = {args['pool_mode']!r}: only 'avg' is supported")
-    size = args["output_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"roi_layer['output_size'] must be a positive int or pair: {args['output_size']!r}")
-    # use_torchvision picks mmcv's backend; torchvision's RoIAlign and mmcv's give the same result.
-    return {"output_size": size, "sampling_ratio": int(args.get("sampling_ratio", 0)),
-            "aligned": bool(args.get("aligned", True))}
-
-
-def build_roi_layers(layer_cfg: Mapping, featmap_strides: Sequence[int]) -> nn.ModuleList:
-    """One :class:`groie_triton.RoIAlign` per stride (``spatial_scale = 1 / stride``), from an mmcv cfg.
-
-    ``layer_cfg``: ``dict(type="RoIAlign", output_size, sampling_ratio=0, aligned=True)`` (mmcv's defaults;
-    ``pool_mode="avg"`` and ``use_torchvision`` are accepted). ValueError naming the key otherwise.
-    """
-    args = _roi_layer_args(layer_cfg)
-    return nn.ModuleList(RoIAlign(spatial_scale=1.0 / s, **args) for s in featmap_strides)
+GROIE_AGGREGATIONS = ("sum", "concat")
+"""What a GRoIE layer accepts: a subset of :data:`groie_triton.ops.AGGREGATIONS` (no "stack")."""
 
 
 def groie_paper_cfg(kind: str = "bbox", channels: int = 256) -> dict:
@@ -326,8 +97,8 @@ def _build_pre_post(module: nn.Module, pre_cfg, post_cfg) -> None:
 
 
 def _check_aggregation(aggregation: str) -> None:
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation not in GROIE_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {GROIE_AGGREGATIONS}, got {aggregation!r}")
 
 
 def _norm_is_per_sample(norm: nn.Module) -> bool:
@@ -437,7 +208,7 @@ class GenericRoIExtractor(nn.Module):
         roi_layer: ``dict(type="RoIAlign", output_size, sampling_ratio=0, aligned=True)`` (mmcv's defaults).
         out_channels: channels of the output: the aggregated channels for ``"sum"``, L x those for
             ``"concat"``.
-        featmap_strides: stride of each level (``spatial_scale = 1 / stride``); one per feature map.
+        featmap_strides: stride of each level (``spatial_scale = 1 / stride``), finest first.
         aggregation: ``"sum"`` or ``"concat"`` (levels on channels, level 0 first).
         pre_cfg: None, an ``nn.Module``, or ``dict(type="ConvModule" | "GeneralizedAttention", ...)``: one
             module shared by all levels, applied to each level's RoI features.
@@ -445,9 +216,9 @@ class GenericRoIExtractor(nn.Module):
         finest_scale: kept for mmdetection's RoI-extractor signature; GRoIE pools every RoI from every
             level, so no RoI-to-level mapping uses it.
 
-    One deliberate difference from mmdetection v3: with a single feature level, mmdetection returns the bare
-    RoIAlign output (no roi_scale_factor, no pre- or post-module); here one level goes through the same
-    pipeline as several, so the modules' parameters are always used.
+    Given fewer feature levels than ``featmap_strides``, it pools from those (the finest strides), as
+    mmdetection does. Deliberate differences from mmdetection v3 are listed in the module docstring (one
+    level runs the whole pipeline; errors are ValueErrors; no RoIs give zeros inside the autograd graph).
 
     ``state_dict`` keys are mmdetection's: ``pre_module.conv.weight``, ``pre_module.conv.bias``,
     ``post_module.query_conv.weight``, ... (the RoI layers hold no state), so a GRoIE checkpoint's
@@ -496,7 +267,7 @@ class GenericRoIExtractor(nn.Module):
 
     @property
     def num_inputs(self) -> int:
-        """Number of feature levels the extractor expects."""
+        """Number of feature levels with a stride (mmdetection's name); forward also takes fewer."""
         return len(self.featmap_strides)
 
     @property
@@ -516,7 +287,8 @@ class GenericRoIExtractor(nn.Module):
         """GRoIE features of each RoI.
 
         Args:
-            feats: L feature maps ``[N, C, H_l, W_l]``, L = ``len(featmap_strides)``.
+            feats: L feature maps ``[N, C, H_l, W_l]``, 1 <= L <= ``len(featmap_strides)``; level l has
+                stride ``featmap_strides[l]`` (mmdetection's ``roi_layers[:L]``).
             rois: ``[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in image coordinates.
             roi_scale_factor: when given, every RoI is scaled about its centre first.
 
@@ -525,11 +297,11 @@ class GenericRoIExtractor(nn.Module):
             depend on every parameter (a zero gradient each), so DDP does not hang.
 
         Raises:
-            ValueError: the number of levels differs from ``len(featmap_strides)``, the channels do not match
-            the pre-module or ``out_channels``.
+            ValueError: more levels than ``featmap_strides``, channels that do not match the pre-module or
+            ``out_channels`` (for concat: L x the per-level channels).
         """
         feats = _check_feats(feats, "feats")
-        if len(feats) != len(self.featmap_strides):
+        if len(feats) > len(self.featmap_strides):
             raise ValueError(
                 f"featmap_strides has {len(self.featmap_strides)} entries but feats has {len(feats)} levels"
             )
@@ -552,7 +324,7 @@ class GenericRoIExtractor(nn.Module):
             rois = self.roi_rescale(rois, roi_scale_factor)
         layer = self.roi_layers[0]
         return _groie(
-            feats, rois, self.output_size, [1.0 / s for s in self.featmap_strides], layer.sampling_ratio,
+            feats, rois, self.output_size, [1.0 / s for s in self.featmap_strides[: len(feats)]], layer.sampling_ratio,
             layer.aligned, self.aggregation, pre, self.post_module if self.with_post else None,
         )
 

@@ -1,4 +1,5 @@
-"""GeneralizedAttention: against a float64 reference written from the paper's formula, and against mmcv."""
+"""GeneralizedAttention: against a float64 reference written from the paper's formula, against mmcv, and
+against what mmcv's own test (tests/test_cnn/test_generalized_attention.py) expects of the module."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import TOLERANCES as TOL
+from torch import nn
 
 from groie_triton.attention import GeneralizedAttention
+from groie_triton.testing import tolerance
 
 ALL_TYPES = ["".join(bits) for bits in itertools.product("01", repeat=4)]
 # (kv_stride, q_stride, spatial_range)
@@ -127,7 +129,7 @@ def test_matches_float64_reference(attention_type, kv_stride, q_stride, spatial_
                              q_stride=q_stride, attention_type=attention_type).double()
     _randomize(m)
     x = torch.randn(2, 8, *_input_shape(attention_type), dtype=torch.float64)
-    torch.testing.assert_close(m(x), reference_attention(m, x), **TOL[torch.float64])
+    torch.testing.assert_close(m(x), reference_attention(m, x), **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("attention_type", ["0100", "1111", "0010"])
@@ -137,9 +139,9 @@ def test_float32_and_channels_last_match_reference(attention_type):
     _randomize(m)
     x = torch.randn(2, 8, 5, 5)
     expected = reference_attention(m, x)
-    torch.testing.assert_close(m(x).double(), expected, **TOL[torch.float32])
+    torch.testing.assert_close(m(x).double(), expected, **tolerance(torch.float32))
     torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)).double(), expected,
-                               **TOL[torch.float32])
+                               **tolerance(torch.float32))
 
 
 def test_position_embedding_dim_and_magnitude_match_reference():
@@ -149,7 +151,7 @@ def test_position_embedding_dim_and_magnitude_match_reference():
     _randomize(m)
     x = torch.randn(1, 12, 4, 6, dtype=torch.float64)
     assert m.appr_geom_fc_x.weight.shape == (12, 4)
-    torch.testing.assert_close(m(x), reference_attention(m, x), **TOL[torch.float64])
+    torch.testing.assert_close(m(x), reference_attention(m, x), **tolerance(torch.float64))
 
 
 def test_gamma_starts_at_zero_so_a_new_block_is_the_identity():
@@ -191,7 +193,7 @@ def test_spatial_range_works_for_any_channel_count_and_size():
     m = GeneralizedAttention(8, spatial_range=1, num_heads=2, attention_type="1000").double()
     _randomize(m)
     x = torch.randn(1, 8, 9, 7, dtype=torch.float64)
-    torch.testing.assert_close(m(x), reference_attention(m, x), **TOL[torch.float64])
+    torch.testing.assert_close(m(x), reference_attention(m, x), **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -249,14 +251,14 @@ def test_matches_mmcv_with_the_same_state_dict(attention_type, kv_stride, q_stri
     x_ours = torch.randn(2, channels, shape[0] + 2, shape[1] + 2, dtype=torch.float64, requires_grad=True)
     x_theirs = x_ours.detach().clone().requires_grad_(True)
     out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
-    torch.testing.assert_close(out_ours, out_theirs, **TOL[torch.float64])
+    torch.testing.assert_close(out_ours, out_theirs, **tolerance(torch.float64))
     grad = torch.randn_like(out_ours)
     out_ours.backward(grad)
     out_theirs.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_theirs.grad, **TOL[torch.float64])
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, **tolerance(torch.float64))
     theirs_params = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs_params[name].grad, **TOL[torch.float64], msg=name)
+        torch.testing.assert_close(p.grad, theirs_params[name].grad, **tolerance(torch.float64), msg=name)
 
 
 @needs_mmcv
@@ -268,4 +270,69 @@ def test_paper_config_matches_mmcv_in_float32():
     ours = GeneralizedAttention(256, spatial_range=-1, num_heads=6, attention_type="0100", kv_stride=2)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(3, 256, 7, 7)
-    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    torch.testing.assert_close(ours(x), theirs(x), **tolerance(torch.float32))
+
+
+# ------------------------------------------------- what mmcv's tests/test_cnn/test_generalized_attention.py checks
+@pytest.mark.parametrize(
+    "channels, kwargs, expected",
+    [
+        (16, dict(attention_type="1000"), dict(query_conv=16, key_conv=16)),
+        (16, dict(attention_type="0100"), dict(query_conv=16, appr_geom_fc_x=8, appr_geom_fc_y=8)),
+        (16, dict(attention_type="0010"), dict(key_conv=16, appr_bias=None)),
+        (16, dict(attention_type="0001"), dict(appr_geom_fc_x=8, appr_geom_fc_y=8, geom_bias=None)),
+        (256, dict(spatial_range=10), dict(local_constraint_map=None)),
+        (16, dict(q_stride=2), dict(q_downsample=None)),
+        (16, dict(kv_stride=2), dict(kv_downsample=None)),
+    ],
+)
+def test_generalized_attention_matches_mmcv_test_expectations(channels, kwargs, expected):
+    # mmcv's defaults otherwise: 9 heads, attention_type '1111', kv_stride 2, on [2, C, 20, 20].
+    m = GeneralizedAttention(channels, **kwargs)
+    for name, in_size in expected.items():
+        assert getattr(m, name, None) is not None, name
+        layer = getattr(m, name)
+        if isinstance(layer, nn.Conv2d):
+            assert layer.in_channels == in_size, name
+        elif isinstance(layer, nn.Linear):
+            assert layer.in_features == in_size, name
+    x = torch.randn(2, channels, 20, 20)
+    assert m(x).shape == x.shape
+
+
+def test_half_precision_full_attention_keeps_the_shape():
+    # mmcv's test runs this in float16 on CUDA only; the module runs it on any device.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = GeneralizedAttention(16, spatial_range=-1, num_heads=8, attention_type="1111", kv_stride=2)
+    m = m.to(device).half()
+    x = torch.randn(2, 16, 20, 20, device=device).half()
+    out = m(x)
+    assert out.shape == x.shape and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("q_stride, kv_stride", [(1, 1), (2, 1), (1, 2), (2, 3)])
+def test_downsample_modules_are_mmcvs_and_hold_no_state(q_stride, kv_stride):
+    m = GeneralizedAttention(8, num_heads=2, q_stride=q_stride, kv_stride=kv_stride)
+    for layer, stride in ((m.q_downsample, q_stride), (m.kv_downsample, kv_stride)):
+        if stride == 1:
+            assert layer is None
+        else:
+            assert isinstance(layer, nn.AvgPool2d) and (layer.kernel_size, layer.stride) == (1, stride)
+    assert not any("downsample" in key for key in m.state_dict())
+    if MmcvGeneralizedAttention is not None:
+        theirs = MmcvGeneralizedAttention(8, num_heads=2, q_stride=q_stride, kv_stride=kv_stride)
+        assert repr(m.q_downsample) == repr(theirs.q_downsample)
+        assert repr(m.kv_downsample) == repr(theirs.kv_downsample)
+
+
+def test_downsample_modules_pick_the_key_grid():
+    # As in mmcv, forward subsamples through the module: without it the keys come from every pixel.
+    torch.manual_seed(5)
+    strided = GeneralizedAttention(8, num_heads=2, attention_type="1000", kv_stride=2).double()
+    _randomize(strided)
+    dense = GeneralizedAttention(8, num_heads=2, attention_type="1000", kv_stride=1).double()
+    dense.load_state_dict(strided.state_dict(), strict=True)
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(strided(x), reference_attention(strided, x), **tolerance(torch.float64))
+    strided.kv_downsample = None
+    torch.testing.assert_close(strided(x), dense(x), rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""GRoIE modules: the fused activation + level-sum kernel, ConvModule, GenericRoIExtractor and GRoIEPooler.
+"""GRoIE layers: GenericRoIExtractor and GRoIEPooler against mmdetection's forward, and what mmdetection's
+own tests (tests/test_models/test_roi_heads/test_roi_extractors/test_generic_roi_extractor.py) expect.
 
 The extractor is checked against mmdetection's forward written out as a loop (torchvision's roi_align per
 level, the pre-module per level, sum or concat, the post-module), after loading the loop's state_dict with
@@ -8,194 +9,35 @@ strict=True: outputs, input gradients and parameter gradients. Kernels run under
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
 import torchvision
 from groie_triton.kernels import level_sum
 from groie_triton.kernels import roi_align as roi_kernels
-from groie_triton.kernels.level_sum import ACTIVATIONS, level_sum_act
-from tolerances import assert_close_to
 from torch import nn
 
 import groie_triton
 from groie_triton import extractor as extractor_module
 from groie_triton.attention import GeneralizedAttention
-from groie_triton.extractor import ConvModule, GenericRoIExtractor, GRoIEPooler, build_plugin, groie_paper_cfg
+from groie_triton.extractor import GenericRoIExtractor, GRoIEPooler, groie_paper_cfg
+from groie_triton.testing import assert_close_to, make_pyramid, random_rois
 
 try:
-    from mmcv.cnn.bricks import ConvModule as MmcvConvModule
     from mmcv.cnn.bricks import GeneralizedAttention as MmcvGeneralizedAttention
 except ImportError:  # pragma: no cover - depends on the environment
-    MmcvConvModule = MmcvGeneralizedAttention = None
-needs_mmcv = pytest.mark.skipif(
-    MmcvConvModule is None,
-    reason="mmcv is not importable (pip install mmcv-lite, a test extra, to compare against mmcv's modules)",
-)
+    MmcvGeneralizedAttention = None
 
 STRIDES = [4, 8, 16, 32]
 IMAGE = (64, 80)
 CHANNELS = 12  # 6 heads of 2 channels in the paper's attention; 12 is a multiple of 4 for its embedding
 
 
-def make_pyramid(n=2, c=CHANNELS, dtype=torch.float64, seed=0, channels_last=False):
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for s in STRIDES:
-        size = (math.ceil(IMAGE[0] / s), math.ceil(IMAGE[1] / s))
-        f = torch.randn(n, c, *size, generator=g, dtype=torch.float64).to(dtype)
-        feats.append(f.contiguous(memory_format=torch.channels_last) if channels_last else f)
-    return feats
-
-
-def make_rois(dtype=torch.float64):
-    """Small, large and border-crossing boxes on both images."""
-    rows = [[0, 3.0, 5.0, 40.0, 50.0], [1, -4.0, 0.0, 79.0, 70.0], [1, 10.0, 2.0, 60.0, 30.0],
-            [0, 20.0, 20.0, 23.0, 26.0]]
-    return torch.tensor(rows, dtype=dtype)
-
-
-def _act(y: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "leaky_relu":
-        return nn.functional.leaky_relu(y, slope)
-    return y
-
-
-# ------------------------------------------------------------------------------------ level-sum kernel
-def _levels(dtype, shape=(3, 4, 5, 3, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randn(shape, generator=g, dtype=torch.float64)
-    y.view(-1)[::7] = 0.0  # the derivative at exactly 0 is torch's convention, checked too
-    return y.to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_level_sum_forward_and_backward_match_pytorch(activation, dtype):
-    y = _levels(dtype).requires_grad_(True)
-    out = level_sum_act(y, activation, 0.2)
-    y64 = y.detach().double().requires_grad_(True)
-    expected = _act(y64, activation, 0.2).sum(0)
-    assert out.dtype == dtype and out.shape == y.shape[1:]
-    assert_close_to(out, expected, dtype)
-    grad = torch.randn(out.shape, dtype=torch.float64).to(dtype)
-    (grad_y,) = torch.autograd.grad(out, y, grad)
-    (expected_grad,) = torch.autograd.grad(expected, y64, grad.double())
-    assert_close_to(grad_y, expected_grad, dtype)
-
-
-def test_level_sum_keeps_channels_last_and_reads_any_strides():
-    base = _levels(torch.float32, (3 * 4, 5, 3, 3)).contiguous(memory_format=torch.channels_last)
-    y = base.unflatten(0, (3, 4)).requires_grad_(True)
-    out = level_sum_act(y, "relu")
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close_to(out, torch.relu(y.detach().double()).sum(0))
-    # Levels not outermost in memory: copied once, same values.
-    permuted = _levels(torch.float32, (4, 3, 5, 3, 3)).transpose(0, 1)
-    assert_close_to(level_sum_act(permuted, "leaky_relu", 0.1),
-                    nn.functional.leaky_relu(permuted.double(), 0.1).sum(0))
-    # sum().backward() hands a zero-stride gradient.
-    out.sum().backward()
-    assert_close_to(y.grad, (y.detach() > 0).double())
-
-
-def test_level_sum_is_one_launch_each_way(monkeypatch):
-    launches = _count_launches(monkeypatch, level_sum, ["_level_sum_act_fwd", "_level_sum_act_bwd"])
-    y = _levels(torch.float32).requires_grad_(True)
-    level_sum_act(y, "relu").sum().backward()
-    assert launches == ["_level_sum_act_fwd", "_level_sum_act_bwd"]
-
-
-def test_level_sum_reference_backend_gives_the_kernel_results(monkeypatch):
-    y = _levels(torch.float32).requires_grad_(True)
-    out = level_sum_act(y, "leaky_relu", 0.3)
-    (grad_kernel,) = torch.autograd.grad(out, y, torch.ones_like(out))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert groie_triton.backend_for(y) == "reference"
-    out_ref = level_sum_act(y, "leaky_relu", 0.3)
-    (grad_ref,) = torch.autograd.grad(out_ref, y, torch.ones_like(out_ref))
-    assert_close_to(out, out_ref)
-    assert_close_to(grad_kernel, grad_ref)
-
-
-def test_level_sum_compiles_under_torch_compile():
-    y = _levels(torch.float32)
-    f = torch.compile(lambda t: level_sum_act(t, "relu") * 2, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(f(y), level_sum_act(y, "relu") * 2, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize(
-    "y, kwargs, error, match",
-    [
-        (torch.zeros(3, 4), dict(activation="gelu"), ValueError, "activation must be one of"),
-        (torch.zeros(4), {}, ValueError, r"\[L, \.\.\.\]"),
-        (torch.zeros(0, 4), {}, ValueError, "L >= 1"),
-        (torch.zeros(3, 4, dtype=torch.int32), {}, TypeError, "floating point"),
-    ],
-)
-def test_level_sum_bad_input_raises(y, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        level_sum_act(y, **kwargs)
-
-
-def test_level_sum_compile_specs_name_real_arguments():
-    specs = level_sum.compile_specs()
-    assert {s["kernel"] for s in specs} == {"level_sum_act_fwd", "level_sum_act_bwd"}
-    assert {s["dtype"] for s in specs} == {"fp16", "bf16", "fp32", "fp64"}
-    for spec in specs:
-        params = set(spec["fn"].arg_names)
-        assert set(spec["signature"]) | set(spec["constexprs"]) | set(spec["config"].kwargs) == params
-
-
-# ------------------------------------------------------------------------------------------ ConvModule
-@pytest.mark.parametrize(
-    "kwargs, keys",
-    [
-        ({}, ["conv.weight", "conv.bias"]),
-        (dict(norm_cfg=dict(type="GN", num_groups=4)), ["conv.weight", "gn.weight", "gn.bias"]),
-        (dict(norm_cfg=dict(type="BN")),
-         ["conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-          "bn.num_batches_tracked"]),
-        (dict(act_cfg=dict(type="PReLU")), ["conv.weight", "conv.bias", "activate.weight"]),
-        (dict(act_cfg=None, bias=False), ["conv.weight"]),
-    ],
-)
-def test_conv_module_state_dict_keys_are_mmcvs(kwargs, keys):
-    m = ConvModule(8, 8, 3, padding=1, **kwargs)
-    assert list(m.state_dict()) == keys
-    if MmcvConvModule is not None:
-        assert list(MmcvConvModule(8, 8, 3, padding=1, **kwargs).state_dict()) == keys
-
-
-@needs_mmcv
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(kernel_size=5, padding=2, inplace=False),
-        dict(kernel_size=3, padding=1, norm_cfg=dict(type="GN", num_groups=2),
-             act_cfg=dict(type="LeakyReLU")),
-        dict(kernel_size=3, padding=1, norm_cfg=dict(type="BN"), order=("norm", "conv", "act")),
-        dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", act_cfg=dict(type="ELU")),
-    ],
-)
-def test_conv_module_matches_mmcv(kwargs):
-    torch.manual_seed(0)
-    theirs = MmcvConvModule(8, 6, **kwargs).double()
-    ours = ConvModule(8, 6, **kwargs).double()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(3, 8, 7, 7, dtype=torch.float64)
-    assert_close_to(ours(x), theirs(x))
-
-
-def test_conv_module_initialisation_is_mmcvs():
-    m = ConvModule(8, 8, 3, norm_cfg=dict(type="GN", num_groups=2), bias=True)
-    assert torch.equal(m.conv.bias, torch.zeros(8))
-    assert torch.equal(m.gn.weight, torch.ones(8)) and torch.equal(m.gn.bias, torch.zeros(8))
-    frozen = ConvModule(8, 8, 3, norm_cfg=dict(type="BN", requires_grad=False))
-    assert not any(p.requires_grad for p in frozen.bn.parameters())
+# The float64 test pyramid (2 images of IMAGE, CHANNELS channels) and k RoIs of 4 to 100 pixels over both
+# images, some crossing the border.
+_pyramid = functools.partial(make_pyramid, n=2, c=CHANNELS, image=IMAGE, strides=STRIDES, dtype=torch.float64)
+_rois = functools.partial(random_rois, n=2, image=IMAGE, k=4, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- GenericRoIExtractor vs loop
@@ -236,7 +78,7 @@ class LoopGRoIE(nn.Module):
             w, h = (rois[:, 3] - rois[:, 1]) * roi_scale_factor, (rois[:, 4] - rois[:, 2]) * roi_scale_factor
             rois = torch.stack([rois[:, 0], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
         outs = []
-        for feat, stride in zip(feats, STRIDES, strict=True):
+        for feat, stride in zip(feats, STRIDES[: len(feats)], strict=True):  # roi_layers[:num_levels]
             t = torchvision.ops.roi_align(feat, rois, self.output_size, 1 / stride, self.sampling_ratio, True)
             if hasattr(self, "pre_module"):
                 t = self.pre_module(t)
@@ -292,10 +134,10 @@ def test_extractor_matches_mmdetection_loop(variant, output_size, scale_factor):
     ours = GenericRoIExtractor(**cfg).double()
     ours.load_state_dict(loop.state_dict(), strict=True)
     assert list(ours.state_dict()) == list(loop.state_dict())
-    feats, feats_loop = make_pyramid(), make_pyramid()
+    feats, feats_loop = _pyramid(), _pyramid()
     for f in feats + feats_loop:
         f.requires_grad_(True)
-    rois = make_rois() if output_size == 7 else make_rois()[:2]  # the interpreter's cost grows with bins
+    rois = _rois() if output_size == 7 else _rois(k=2)  # the interpreter's cost grows with bins
 
     out, expected = ours(feats, rois, scale_factor), loop(feats_loop, rois, scale_factor)
     assert out.shape == (len(rois), cfg["out_channels"], output_size, output_size)
@@ -344,9 +186,9 @@ def test_shared_pre_module_is_one_stack_launch_one_conv_and_one_level_sum(monkey
     ext = GenericRoIExtractor(**cfg).double()
     conv_batches = []
     ext.pre_module.conv.register_forward_hook(lambda m, inputs, out: conv_batches.append(inputs[0].shape[0]))
-    feats = [f.requires_grad_(True) for f in make_pyramid()]
+    feats = [f.requires_grad_(True) for f in _pyramid()]
     launches.clear()
-    ext(feats, make_rois()).sum().backward()
+    ext(feats, _rois()).sum().backward()
     assert aggregations == ["stack"]
     assert conv_batches == [4 * len(STRIDES)]
     assert launches == ["_roi_align_fwd_kernel", "_level_sum_act_fwd", "_level_sum_act_bwd",
@@ -357,9 +199,9 @@ def test_channels_last_features_take_the_same_path_and_give_the_same_result():
     cfg = groie_paper_cfg("bbox", CHANNELS)
     del cfg["post_cfg"]
     ext = GenericRoIExtractor(**cfg).double()
-    nchw = [f.requires_grad_(True) for f in make_pyramid()]
-    nhwc = [f.requires_grad_(True) for f in make_pyramid(channels_last=True)]
-    out_nchw, out_nhwc = ext(nchw, make_rois()), ext(nhwc, make_rois())
+    nchw = [f.requires_grad_(True) for f in _pyramid()]
+    nhwc = [f.requires_grad_(True) for f in _pyramid(channels_last=True)]
+    out_nchw, out_nhwc = ext(nchw, _rois()), ext(nhwc, _rois())
     assert out_nhwc.is_contiguous(memory_format=torch.channels_last)
     assert_close_to(out_nhwc, out_nchw)
     out_nchw.sum().backward()
@@ -375,14 +217,14 @@ def test_without_pre_module_the_sum_is_fused_into_the_pooling(monkeypatch):
                         lambda *a, **k: aggregations.append(a[6]) or original(*a, **k))
     cfg = groie_paper_cfg("bbox", CHANNELS)
     del cfg["pre_cfg"], cfg["post_cfg"]
-    GenericRoIExtractor(**cfg)(make_pyramid(dtype=torch.float32), make_rois(torch.float32))
+    GenericRoIExtractor(**cfg)(_pyramid(dtype=torch.float32), _rois(dtype=torch.float32))
     assert aggregations == ["sum"]
 
 
 def test_empty_rois_give_zeros_and_keep_every_parameter_in_the_graph():
     ext = GenericRoIExtractor(**groie_paper_cfg("mask", CHANNELS))
-    feats = [f.requires_grad_(True) for f in make_pyramid(dtype=torch.float32)]
-    out = ext(feats, make_rois(torch.float32)[:0])
+    feats = [f.requires_grad_(True) for f in _pyramid(dtype=torch.float32)]
+    out = ext(feats, _rois(dtype=torch.float32)[:0])
     assert out.shape == (0, CHANNELS, 14, 14) and out.dtype == torch.float32
     out.sum().backward()
     for name, p in ext.named_parameters():
@@ -425,6 +267,65 @@ def test_mmdetection_config_dicts_are_accepted_as_they_are():
     assert isinstance(ext.roi_layers[0], groie_triton.RoIAlign)
     assert ext.pre_module.conv.kernel_size == (5, 5) and ext.pre_module.conv.padding == (2, 2)
     assert ext.post_module.attention_type == [False, True, False, False] and ext.post_module.num_heads == 6
+
+
+@pytest.mark.parametrize("variant, num_levels", [("prepost", 2), ("none", 3), ("concat", 2)])
+def test_fewer_levels_than_strides_pool_from_the_finest_strides_like_mmdetection(variant, num_levels):
+    if variant == "concat":
+        cfg = dict(groie_paper_cfg("bbox", CHANNELS), aggregation="concat", out_channels=num_levels * CHANNELS)
+        del cfg["pre_cfg"], cfg["post_cfg"]
+        loop = LoopGRoIE(7, 2, "concat").double()
+    else:
+        cfg, loop = _case(variant, 7)
+    ours = GenericRoIExtractor(**cfg).double()
+    ours.load_state_dict(loop.state_dict(), strict=True)
+    feats = [f.requires_grad_(True) for f in _pyramid()[:num_levels]]
+    feats_loop = [f.detach().clone().requires_grad_(True) for f in feats]
+    out, expected = ours(feats, _rois()), loop(feats_loop, _rois())
+    assert out.shape == (4, cfg["out_channels"], 7, 7)
+    assert_close_to(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for f, f_loop in zip(feats, feats_loop, strict=True):
+        assert_close_to(f.grad, f_loop.grad)
+
+
+# ------------------------------------- what mmdetection's tests/.../test_generic_roi_extractor.py checks
+_MMDET_CONV = dict(type="ConvModule", in_channels=16, out_channels=16, kernel_size=5, padding=2, inplace=False)
+_MMDET_IMAGE = (800, 1344)  # its pyramid: 200x336, 100x168, 50x84, 25x42
+_MMDET_ROI = torch.tensor([[0.0, 587.8285, 52.1405, 886.2484, 341.5644]])
+
+
+def _mmdet_test_cfg(**changes) -> dict:
+    """The cfg of mmdetection's test: 7x7 RoIAlign with sampling 2, 16 channels, strides 4 to 32."""
+    return {"roi_layer": dict(type="RoIAlign", output_size=7, sampling_ratio=2), "out_channels": 16,
+            "featmap_strides": [4, 8, 16, 32], **changes}
+
+
+def test_generic_roi_extractor_matches_mmdet_tests_init():
+    ext = GenericRoIExtractor(**_mmdet_test_cfg())
+    assert not ext.with_pre and not ext.with_post
+    # mmdetection asserts; here a ValueError naming the argument (see the module docstring).
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        GenericRoIExtractor(**_mmdet_test_cfg(aggregation="other"))
+
+
+def test_generic_roi_extractor_matches_mmdet_tests_forward():
+    ext = GenericRoIExtractor(**_mmdet_test_cfg(pre_cfg=_MMDET_CONV, post_cfg=_MMDET_CONV))
+    feats = make_pyramid(n=1, c=16, image=_MMDET_IMAGE)
+    # No RoIs, two of the four levels: mmdetection's empty result, [0, out_channels, 7, 7] in the maps' dtype.
+    empty = ext(feats[:2], torch.empty(0, 5))
+    assert len(empty) == 0 and empty.shape == (0, 16, 7, 7) and empty.dtype == torch.float32
+    # One level, then all four.
+    assert ext(feats[:1], _MMDET_ROI).shape == (1, 16, 7, 7)
+    assert ext(feats, _MMDET_ROI).shape == (1, 16, 7, 7)
+    # Concat without pre/post: 4 levels x 16 channels.
+    concat = GenericRoIExtractor(**_mmdet_test_cfg(aggregation="concat", out_channels=16 * 4))
+    assert concat(feats, _MMDET_ROI).shape == (1, 64, 7, 7)
+    # out_channels that concat does not give (256 * 5 for 4 levels of 256): mmdetection asserts, ValueError here.
+    wrong = GenericRoIExtractor(**_mmdet_test_cfg(aggregation="concat", out_channels=256 * 5))
+    with pytest.raises(ValueError, match="out_channels is 1280 but concat aggregation gives 1024"):
+        wrong(make_pyramid(n=1, c=256), _MMDET_ROI)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -476,12 +377,12 @@ def test_post_module_for_other_channels_raises():
 @pytest.mark.parametrize(
     "changes, feats, match",
     [
-        (dict(), make_pyramid()[:3], "featmap_strides has 4 entries but feats has 3 levels"),
-        (dict(aggregation="concat", pre_cfg=None, post_cfg=None, out_channels=40), make_pyramid(),
+        (dict(), _pyramid(strides=[4, 8, 16, 32, 64]), "featmap_strides has 4 entries but feats has 5 levels"),
+        (dict(aggregation="concat", pre_cfg=None, post_cfg=None, out_channels=40), _pyramid(),
          r"out_channels is 40 but concat aggregation gives 48 channels \(4 levels x 12\)"),
-        (dict(pre_cfg=None, post_cfg=None, out_channels=16), make_pyramid(),
+        (dict(pre_cfg=None, post_cfg=None, out_channels=16), _pyramid(),
          "out_channels is 16 but sum aggregation gives 12"),
-        (dict(), make_pyramid(c=8), r"pre_cfg\['in_channels'\] is 12 but the feature maps have 8 channels"),
+        (dict(), _pyramid(c=8), r"pre_cfg\['in_channels'\] is 12 but the feature maps have 8 channels"),
     ],
 )
 def test_bad_forward_input_raises(changes, feats, match):
@@ -490,16 +391,7 @@ def test_bad_forward_input_raises(changes, feats, match):
         if cfg[key] is None:
             del cfg[key]
     with pytest.raises(ValueError, match=match):
-        GenericRoIExtractor(**cfg)(feats, make_rois())
-
-
-def test_build_plugin_passes_modules_through_and_builds_cfgs():
-    conv = nn.Conv2d(4, 4, 1)
-    assert build_plugin(conv) is conv
-    assert isinstance(build_plugin(dict(type="GeneralizedAttention", in_channels=8, num_heads=2)),
-                      GeneralizedAttention)
-    with pytest.raises(TypeError, match="post_cfg must be a dict"):
-        build_plugin(["ConvModule"], "post_cfg")
+        GenericRoIExtractor(**cfg)(feats, _rois())
 
 
 # ------------------------------------------------------------------------------------------- GRoIEPooler
@@ -509,9 +401,9 @@ def test_pooler_equals_the_extractor_with_the_same_weights():
         pooler.post_module.gamma.fill_(0.5)
     ext = GenericRoIExtractor(**groie_paper_cfg("bbox", CHANNELS)).double()
     ext.load_state_dict(pooler.state_dict(), strict=True)
-    feats = make_pyramid()
+    feats = _pyramid()
     x = {"p2": feats[0], "p3": feats[1], "p4": feats[2], "p5": feats[3], "pool": feats[3][:, :, ::2, ::2]}
-    rois = make_rois()
+    rois = _rois()
     boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     out = pooler(x, boxes, [IMAGE, (60, 72)])
     assert pooler.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
