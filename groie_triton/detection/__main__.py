@@ -14,18 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from groie_triton.detection.config import PRESETS, DetectionError, TrainConfig
 from groie_triton.detection.data import DATASETS
-from groie_triton.detection.engine import (
-    PRESETS,
-    DetectionError,
-    TrainConfig,
-    evaluate,
-    experiment,
-    parity,
-    results_table,
-    train,
-)
+from groie_triton.detection.evaluate import evaluate
+from groie_triton.detection.experiment import experiment, results_table
 from groie_triton.detection.models import BACKBONES, EXTRACTORS, MODELS, NORMS, ModelConfig
+from groie_triton.detection.parity import QUICK_TEST_TIME, QUICK_TRAIN, parity
+from groie_triton.detection.train import train
 
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -104,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--quick",
         action="store_true",
-        help="without --checkpoint train a tiny one (10 iterations); 10 proposals, 5 detections, score >= 0",
+        help=f"without --checkpoint train a tiny one ({QUICK_TRAIN['image_size']} px, {QUICK_TRAIN['iterations']} "
+        f"iterations); {QUICK_TEST_TIME['proposals']} proposals, {QUICK_TEST_TIME['max_detections']} detections, "
+        f"score >= {QUICK_TEST_TIME['score_thresh']:g}; one torch thread",
     )
     q.add_argument("--images", type=int, default=2, help="validation images compared (default 2)")
     q.add_argument("--box-tol", type=float, default=1e-3, help="max box coordinate difference (pixels)")

@@ -1,4 +1,4 @@
-"""The procedural "shapes" instance-segmentation dataset and its COCO export.
+"""The procedural "shapes" instance-segmentation dataset, its COCO export, and batches of it on a device.
 
 Nothing can be downloaded on the machines this project is developed on, so the detector is trained and
 evaluated on generated images: rectangles, ellipses, triangles and rings of random colour, size, aspect
@@ -29,6 +29,7 @@ __all__ = [
     "ShapesDataset",
     "build_dataset",
     "coco_dict",
+    "collate",
     "export_coco_json",
 ]
 
@@ -303,3 +304,29 @@ def export_coco_json(dataset: ShapesDataset, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(coco_dict(dataset)))
     return path
+
+
+def _flip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+
+
+def collate(
+    dataset: ShapesDataset,
+    indices: list[int],
+    device: torch.device,
+    *,
+    hflip_seed: tuple[int, ...] | None = None,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Load ``indices`` as (images, targets) on ``device``; with ``hflip_seed``, flip each image with
+    probability 1/2 decided by ``(hflip_seed, index)`` (deterministic, independent of rank and order)."""
+    images, targets = [], []
+    for index in indices:
+        image, target = dataset[index]
+        if hflip_seed is not None and np.random.default_rng([*hflip_seed, index]).random() < 0.5:
+            image, target = _flip(image, target)
+        images.append(image.to(device))
+        targets.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()})
+    return images, targets

@@ -17,6 +17,7 @@ are scaled with the image size (see :class:`ModelConfig`); otherwise every RoI w
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "BACKBONES",
     "EXTRACTORS",
     "MODELS",
+    "MODEL_BUILDERS",
     "NORMS",
     "ContextBlock",
     "ModelConfig",
@@ -42,7 +44,7 @@ __all__ = [
     "model_config_from_dict",
 ]
 
-MODELS = ("faster_rcnn", "mask_rcnn")
+# MODELS (the detector names) is defined with MODEL_BUILDERS below.
 EXTRACTORS = ("baseline", "groie")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 NORMS = ("gn", "bn", "frozen_bn")
@@ -194,6 +196,33 @@ def _poolers(cfg: ModelConfig) -> tuple[MultiScaleRoIAlign, MultiScaleRoIAlign]:
     )
 
 
+def _faster_rcnn(
+    cfg: ModelConfig, backbone: BackboneWithFPN, fine_pool: nn.Module, common: dict[str, Any]
+) -> FasterRCNN:
+    return FasterRCNN(backbone, **common)
+
+
+def _mask_rcnn(cfg: ModelConfig, backbone: BackboneWithFPN, fine_pool: nn.Module, common: dict[str, Any]) -> MaskRCNN:
+    m = cfg.mask_head_channels
+    return MaskRCNN(
+        backbone,
+        mask_roi_pool=fine_pool,
+        mask_head=MaskRCNNHeads(cfg.fpn_channels, (m, m, m, m), 1),
+        mask_predictor=MaskRCNNPredictor(m, m, cfg.num_classes),
+        **common,
+    )
+
+
+# One builder per detector, called as builder(config, FPN backbone, 14x14 RoI pooler, common) where common
+# holds the torchvision keyword arguments every detector shares (transform, RPN, 7x7 box pooler, box head
+# and predictor). ModelConfig.model and the CLI's --model choices are the keys: a new detector is one entry.
+MODEL_BUILDERS: dict[str, Callable[..., FasterRCNN]] = {
+    "faster_rcnn": _faster_rcnn,
+    "mask_rcnn": _mask_rcnn,
+}
+MODELS = tuple(MODEL_BUILDERS)
+
+
 def build_model(cfg: ModelConfig | None = None, **overrides: Any) -> FasterRCNN:
     """Build a randomly initialised detector from a :class:`ModelConfig` (keyword overrides allowed).
 
@@ -203,8 +232,9 @@ def build_model(cfg: ModelConfig | None = None, **overrides: Any) -> FasterRCNN:
     """
     base = cfg.to_dict() if cfg is not None else {}
     cfg = model_config_from_dict({**base, **overrides})
+    # Creation order = parameter initialisation order under a seed: backbone, both poolers, heads.
     backbone = _backbone(cfg)
-    box_pool, mask_pool = _poolers(cfg)
+    box_pool, fine_pool = _poolers(cfg)
     c = cfg.fpn_channels
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in cfg.anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes)
@@ -224,16 +254,6 @@ def build_model(cfg: ModelConfig | None = None, **overrides: Any) -> FasterRCNN:
         box_detections_per_img=cfg.box_detections_per_img,
         box_score_thresh=cfg.box_score_thresh,
     )
-    if cfg.model == "faster_rcnn":
-        model = FasterRCNN(backbone, **common)
-    else:
-        m = cfg.mask_head_channels
-        model = MaskRCNN(
-            backbone,
-            mask_roi_pool=mask_pool,
-            mask_head=MaskRCNNHeads(c, (m, m, m, m), 1),
-            mask_predictor=MaskRCNNPredictor(m, m, cfg.num_classes),
-            **common,
-        )
+    model = MODEL_BUILDERS[cfg.model](cfg, backbone, fine_pool, common)
     model.config = cfg
     return model
