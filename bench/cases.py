@@ -33,6 +33,7 @@ from torchvision.ops.poolers import initLevelMapper
 import groie_triton
 from bench import cost_model
 from bench.cost_model import MODES, PROVIDERS
+from groie_triton.testing import tolerance
 
 __all__ = [
     "IMAGE",
@@ -43,12 +44,13 @@ __all__ = [
     "PROVIDERS",
     "MODES",
     "PARITY_REFERENCE",
-    "TOLERANCE",
+    "parity_tolerance",
     "Case",
     "Size",
     "Inputs",
     "SWEEP",
     "QUICK",
+    "QUICK_PARITY_ROIS",
     "DEFAULT_CASE",
     "select_cases",
     "full_size",
@@ -77,9 +79,12 @@ PARITY_REFERENCE = {
 }
 """The provider whose float64 run is each provider's reference."""
 
-TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2, "fp64": 1e-10}
-"""Max abs error allowed against the float64 reference, times max(1, max |reference|): float32 and float64
-match up to summation order; half types are within the rounding of the output (kernels accumulate in fp32)."""
+
+def parity_tolerance(dtype: str) -> float:
+    """Max abs error allowed against the float64 reference, times max(1, max |reference|): the ``atol`` of
+    :func:`groie_triton.testing.tolerance` (float32 and float64 match up to summation order; half types are
+    within the rounding of the output, the kernels accumulating in fp32)."""
+    return tolerance(dtype)["atol"]
 
 
 @dataclass(frozen=True)
@@ -182,14 +187,19 @@ def full_size(case: Case) -> Size:
 REDUCTION = 8
 
 
-def reduced_size(case: Case) -> Size:
-    """The case at 1/8 of the image, 4 RoIs and C/32 channels: what the Triton interpreter runs in seconds.
+QUICK_PARITY_ROIS = 2
+"""RoIs of the parity run with ``--quick`` (one per image): half the interpreted work of :func:`reduced_size`."""
+
+
+def reduced_size(case: Case, num_rois: int = 4) -> Size:
+    """The case at 1/8 of the image, ``num_rois`` RoIs (split over the images) and C/32 channels: what the
+    Triton interpreter runs in seconds.
 
     Every case keeps its output size, levels, dtype and layout (what selects the kernel path); cases that
     differ only in K share one reduced size.
     """
     image = (IMAGE[0] // REDUCTION, IMAGE[1] // REDUCTION)
-    return Size(image, 4, max(case.channels // 32, 1), 224.0 / REDUCTION, (16.0 / REDUCTION, 800.0 / REDUCTION))
+    return Size(image, num_rois, max(case.channels // 32, 1), 224.0 / REDUCTION, (16.0 / REDUCTION, 800.0 / REDUCTION))
 
 
 def level_shapes(case: Case, size: Size) -> list[tuple[int, int]]:
@@ -224,12 +234,16 @@ def _boxes(size: Size, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def level_counts(case: Case, size: Size, seed: int = 0) -> tuple[int, ...]:
-    """RoIs per level under torchvision's LevelMapper (canonical level 4), as torchvision_msra sends them."""
+def mapped_levels(case: Case, size: Size, seed: int = 0) -> torch.Tensor:
+    """The level torchvision's LevelMapper (canonical level 4) sends each RoI to, as torchvision_msra does."""
     k_min, k_max = round(math.log2(case.strides[0])), round(math.log2(case.strides[-1]))
     mapper = initLevelMapper(k_min, k_max, canonical_scale=size.canonical_scale, canonical_level=4)
-    levels = mapper(list(_boxes(size, seed)))
-    return tuple(int(n) for n in torch.bincount(levels, minlength=case.num_levels))
+    return mapper(list(_boxes(size, seed)))
+
+
+def level_counts(case: Case, size: Size, seed: int = 0) -> tuple[int, ...]:
+    """RoIs per level under torchvision's LevelMapper (canonical level 4), as torchvision_msra sends them."""
+    return tuple(int(n) for n in torch.bincount(mapped_levels(case, size, seed), minlength=case.num_levels))
 
 
 def problem(case: Case, size: Size | None = None, seed: int = 0) -> cost_model.Problem:
@@ -245,6 +259,18 @@ def problem(case: Case, size: Size | None = None, seed: int = 0) -> cost_model.P
         sampling_ratio=SAMPLING_RATIO,
         dtype=case.dtype,
         channels_last=case.channels_last,
+        geometry=_geometry(case.num_levels, size, seed),
+    )
+
+
+@lru_cache(maxsize=64)
+def _geometry(num_levels: int, size: Size, seed: int) -> cost_model.Geometry:
+    """The sector model's boxes and levels, shared by the cases of one pyramid and size (it caches counts)."""
+    case = Case(size.num_rois, size.channels, 7, num_levels, "fp32", "nchw")  # only strides and size matter
+    return cost_model.Geometry(
+        boxes=torch.cat(_boxes(size, seed)).double().numpy(),
+        levels=mapped_levels(case, size, seed).numpy(),
+        scales=tuple(case.scales),
     )
 
 
@@ -447,7 +473,7 @@ def parity(provider: str, x: Inputs, references: dict[str, tuple] | None = None)
         references[ref_name] = _forward_backward(ref_name, x.double())
     ref_out, ref_grads = references[ref_name]
     out, grads = _forward_backward(provider, x)
-    tol = TOLERANCE[x.case.dtype]
+    tol = parity_tolerance(x.case.dtype)
     fwd = (out.double() - ref_out).abs().max().item() if out.numel() else 0.0
     bwd = max(
         ((g.double() - r).abs().max().item() if g.numel() else 0.0) for g, r in zip(grads, ref_grads, strict=True)

@@ -7,4 +7,3 @@ import torch  # imports no triton
 if not torch.cuda.is_available():
     # The kernels run under the Triton interpreter on CPU; it must be on before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-

@@ -3,7 +3,7 @@
 Every provider is written out as the ops PyTorch dispatches for it (``aten::add_``,
 ``torchvision::roi_align``, ``groie::roi_align`` ...), each with the kernels it launches on a GPU and the
 bytes they move. The op list is checked against what the provider really dispatches (:func:`dispatched_ops`,
-tests/test_bench.py); what happens inside an op (torchvision's zero-filled output, our zero-filled
+tests/bench/test_bench_suite.py); what happens inside an op (torchvision's zero-filled output, our zero-filled
 gradients) is read from the sources.
 
 Byte model (DRAM traffic, no L2 reuse across kernels, every element counted at its storage size):
@@ -22,22 +22,49 @@ Byte model (DRAM traffic, no L2 reuse across kernels, every element counted at i
   CUB kernels and a device-to-host copy, so the baseline's count is a lower bound.
 
 Deterministic backward (provider ``groie_deterministic``, ``torch.use_deterministic_algorithms(True)``): the
-same op, written out as the ATen ops its implementation dispatches (:func:`deterministic_backward_inner`,
-checked in tests/test_bench.py) around one scatter of int64 fixed-point atomics (8 bytes read and written per
-atomic). Deterministic mode also fills memory it allocates uninitialised
-(``torch.utils.deterministic.fill_uninitialized_memory``): the buffers of ``zeros_like``, the copies of
+same op, written out once (:func:`_deterministic_steps`) as the ATen ops its implementation dispatches
+(:func:`deterministic_backward_inner`, checked in tests/bench/test_bench_suite.py) around one scatter of int64
+fixed-point atomics (8 bytes read and written per atomic). Deterministic mode also fills memory it allocates
+uninitialised (``torch.utils.deterministic.fill_uninitialized_memory``): the buffers of ``zeros_like``, the copies of
 ``_to_copy`` and the output of ``linalg_vector_norm`` get one more fill kernel each, counted here (read from a
 CPU profile: the fills run inside the dispatched ops, below what ``TorchDispatchMode`` sees).
 
-What is not modelled: sector granularity (an NCHW gather wastes part of each 32-byte sector, channels_last
-does not), L2 hits between kernels, and the CPU cost of launching (which the launch count stands for).
+Sector model (``Cost.sector_bytes``, the records' ``modeled_sector_bytes``): DRAM moves 32-byte sectors, so a
+warp's gather costs the distinct sectors its 32 lanes touch, not the bytes they use. The bilinear gathers and
+scatters are counted per warp load (:func:`warp_load_sectors`), from the kernels' lane layouts:
+
+- groie's kernels (one program per RoI; lanes over the RoI's flattened (channel group, bin), ``vector``
+  contiguous channels per lane). NCHW: lanes are bin-fast, so a warp covers 32 consecutive bins of one
+  channel group (two groups where it straddles their boundary); each corner load touches, per channel, the
+  distinct (row, x // (32 / itemsize)) of its valid lanes. channels_last: lanes are channel-fast, a warp
+  loads ``32 * vector`` consecutive channels of one pixel: ``ceil(C * itemsize / 32)`` sectors per pixel.
+- torchvision's kernel (one thread per output element, index ((k * C + c) * ph + y) * pw + x): a warp covers
+  32 consecutive bins of one channel, which is the NCHW pattern above with one channel per lane; it always
+  reads NCHW (a channels_last input is copied first).
+
+NCHW counts are exact enumerations of the sample coordinates (torchvision's bilinear rules: samples outside
+[-1, size] load nothing, corners clamped at the border) for an evenly spaced sample of at most
+:data:`SECTOR_SAMPLE_ROIS` RoIs per level (those the level mapper sends there, for the one-level
+providers), scaled to all of them. Only valid samples load, in both layouts. The total is bounded by the
+level's size as in the byte model; where that bound binds (every level of the GRoIE default case), bytes and
+sectors agree, and the unbounded figures (``bounded=False``; :func:`bench.report.gather_efficiency`) show
+what the layouts request. The model assumes one program covers all channels of a RoI (a channel split
+restarts the warp pattern at each chunk: a small change) and ``Problem.vector`` channels per lane (default
+1: in NCHW the count barely depends on it). Every other kernel (fills, elementwise, the output, whose writes
+are coalesced) moves whole sectors: sector bytes = bytes. A :class:`Problem` without :class:`Geometry`
+falls back to the byte model.
+
+What is not modelled: L1 hits between the corner loads of one warp, L2 hits between kernels, and the CPU cost
+of launching (which the launch count stands for).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = [
     "H100_SXM_BYTES_PER_S",
@@ -48,6 +75,10 @@ __all__ = [
     "Op",
     "Cost",
     "Problem",
+    "Geometry",
+    "SECTOR",
+    "SECTOR_SAMPLE_ROIS",
+    "warp_load_sectors",
     "cost",
     "dispatched_ops",
     "deterministic_backward_inner",
@@ -66,12 +97,23 @@ _STORAGE = {**ITEMSIZE, "int64": 8}  # sizes of buffers, which may also be int64
 
 @dataclass(frozen=True)
 class Kernel:
-    """One GPU kernel (or none, when it works on zero elements): what it does and the bytes it moves."""
+    """One GPU kernel (or none, when it works on zero elements): what it does and the bytes it moves.
+
+    ``sector_read`` / ``sector_written``: the same traffic in whole 32-byte sectors where that differs (the
+    gathers and scatters); None: coalesced, the bytes.
+    """
 
     what: str
     read: int
     written: int
     launches: int = 1
+    sector_read: int | None = None
+    sector_written: int | None = None
+
+    @property
+    def sector_bytes(self) -> int:
+        read = self.read if self.sector_read is None else self.sector_read
+        return read + (self.written if self.sector_written is None else self.sector_written)
 
 
 @dataclass(frozen=True)
@@ -94,6 +136,11 @@ class Cost:
         return sum(k.read + k.written for op in self.ops for k in op.kernels)
 
     @property
+    def sector_bytes(self) -> int:
+        """:attr:`bytes` counted in whole 32-byte sectors per warp load (see the module's sector model)."""
+        return sum(k.sector_bytes for op in self.ops for k in op.kernels)
+
+    @property
     def launches(self) -> int:
         return sum(k.launches for op in self.ops for k in op.kernels)
 
@@ -109,12 +156,117 @@ class Cost:
         return Cost(self.ops + other.ops)
 
 
+SECTOR = 32
+"""Bytes of a DRAM sector, the unit a warp's loads and atomics move."""
+SECTOR_SAMPLE_ROIS = 16
+"""RoIs per level whose sample coordinates the NCHW sector count enumerates (evenly spaced; scaled to all)."""
+
+
+def _bilinear_axis(start: np.ndarray, bin_size: np.ndarray, bins: int, sampling_ratio: int, size: int):
+    """(valid, low, high) of every sample along one axis, ``[R, bins, sampling_ratio]``, as torchvision's
+    bilinear_interpolate: outside [-1, size] nothing loads; below 0 clamps to 0; at the border low = high."""
+    p = np.arange(bins)[None, :, None]
+    i = np.arange(sampling_ratio)[None, None, :]
+    step = bin_size[:, None, None]
+    c = start[:, None, None] + p * step + (i + 0.5) * step / sampling_ratio
+    valid = (c >= -1.0) & (c <= size)
+    low = np.floor(np.maximum(c, 0.0)).astype(np.int64)
+    edge = low >= size - 1
+    low = np.where(edge, size - 1, low)
+    return valid, low, np.where(edge, size - 1, low + 1)
+
+
+def warp_load_sectors(
+    boxes: np.ndarray,
+    scale: float,
+    height: int,
+    width: int,
+    output_size: int,
+    sampling_ratio: int,
+    aligned: bool,
+    itemsize: int,
+    channels: int,
+    channels_last: bool,
+    vector: int = 1,
+) -> int:
+    """32-byte sectors touched by the bilinear corner loads of RoIs ``boxes`` on one level, summed over warp
+    loads (sector bytes = 32 x this).
+
+    ``boxes``: ``[R, 4]`` (x1, y1, x2, y2) in image pixels; ``scale``: the level's spatial scale; ``vector``:
+    channels per lane (groie's kernels; 1 for torchvision's). NCHW: lanes over the RoI's flattened (channel
+    group, bin), bin fast, 32 to a warp; each warp load touches, per channel, the distinct
+    (row, x // (32 / itemsize)) of its valid lanes. channels_last: ``ceil(C * itemsize / 32)`` sectors per
+    valid sample corner (a warp loads 32 x ``vector`` consecutive channels of one pixel).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return 0
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (boxes[:, i] * scale - offset for i in range(4))
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = np.maximum(roi_w, 1.0), np.maximum(roi_h, 1.0)
+    o, sr = output_size, sampling_ratio
+    vy, ylo, yhi = _bilinear_axis(y1, roi_h / o, o, sr, height)
+    vx, xlo, xhi = _bilinear_axis(x1, roi_w / o, o, sr, width)
+    if channels_last:
+        valid = vy.sum(axis=(1, 2)) * vx.sum(axis=(1, 2))  # valid samples per RoI
+        return int(valid.sum()) * 4 * -(-channels * itemsize // SECTOR)
+    per_sector = max(SECTOR // itemsize, 1)
+    row_sectors = -(-width // per_sector)
+    rows = np.stack([ylo, yhi], -1)[:, :, None, :, None, :, None]  # [R, ph, 1, sr, 1, 2, 1]
+    cols = np.stack([xlo, xhi], -1)[:, None, :, None, :, None, :] // per_sector  # [R, 1, pw, 1, sr, 1, 2]
+    valid = vy[:, :, None, :, None, None, None] & vx[:, None, :, None, :, None, None]
+    keys = np.where(valid, rows * row_sectors + cols, -1)
+    bins = o * o
+    keys = keys.reshape(len(boxes), bins, -1)  # [R, bin, load]: a load = (sample y, sample x, corner)
+    span = height * row_sectors  # keys of one channel group are below this
+    lanes = -(-channels // vector) * bins
+    starts = np.arange(0, lanes, 32)
+    total = 0
+    for length in sorted({min(32, lanes - s) for s in starts}):
+        chosen = starts[np.minimum(32, lanes - starts) == length]
+        residues, warps = np.unique(chosen % bins, return_counts=True)
+        flat = residues[:, None] + np.arange(length)[None, :]  # [residue, lane]
+        k = keys[:, flat % bins, :]  # [R, residue, lane, load]
+        k = np.where(k >= 0, k + (flat // bins)[None, :, :, None] * span, -1)
+        k = np.sort(k, axis=2)
+        distinct = (k[:, :, 0] >= 0) + ((k[:, :, 1:] != k[:, :, :-1]) & (k[:, :, 1:] >= 0)).sum(axis=2)
+        total += int((distinct.sum(axis=(0, 2)) * warps).sum())
+    return vector * total
+
+
+@dataclass(eq=False)
+class Geometry:
+    """Where the RoIs sample: what the sector model enumerates.
+
+    ``boxes``: ``[K, 4]`` in image pixels (all images, in RoI order); ``levels``: the level torchvision's
+    LevelMapper sends each RoI to; ``scales``: each level's spatial scale.
+    """
+
+    boxes: np.ndarray
+    levels: np.ndarray
+    scales: tuple[float, ...]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def sample(self, lvl: int | None) -> tuple[np.ndarray, int]:
+        """At most :data:`SECTOR_SAMPLE_ROIS` evenly spaced boxes (of level ``lvl``; all RoIs for None), and
+        how many RoIs they stand for."""
+        boxes = self.boxes if lvl is None else self.boxes[self.levels == lvl]
+        n = len(boxes)
+        if n <= SECTOR_SAMPLE_ROIS:
+            return boxes, n
+        return boxes[np.linspace(0, n - 1, SECTOR_SAMPLE_ROIS).round().astype(np.int64)], n
+
+
 @dataclass(frozen=True)
 class Problem:
     """What the cost depends on: pyramid, RoIs, output, dtype and layout.
 
     ``level_counts``: RoIs that torchvision's LevelMapper sends to each level (the one-level providers pool
     only those). ``boxes_per_image``: RoIs of each image (the box-list providers concatenate them).
+    ``geometry``: the boxes, for the sector model (None: sector bytes are the byte model's); ``vector``: the
+    channels per lane the sector model assumes for groie's kernels.
     """
 
     n_images: int
@@ -126,6 +278,8 @@ class Problem:
     sampling_ratio: int
     dtype: str
     channels_last: bool
+    geometry: Geometry | None = field(default=None, compare=False, repr=False)
+    vector: int = 1
 
     def __post_init__(self):
         if self.dtype not in ITEMSIZE:
@@ -164,13 +318,66 @@ class Problem:
     def rois(self, k: int, dtype: str) -> int:
         return k * 5 * _STORAGE[dtype]
 
-    def gathered(self, lvl: int, k: int, dtype: str) -> int:
+    def gathered(self, lvl: int, k: int, dtype: str, bounded: bool = True) -> int:
+        """Bytes of the bilinear corners of ``k`` RoIs on level ``lvl``, at most the level's size (``bounded``)."""
         corners = k * self.output_size**2 * self.sampling_ratio**2 * 4 * self.channels * _STORAGE[dtype]
-        return min(corners, self.level(lvl, dtype))
+        return min(corners, self.level(lvl, dtype)) if bounded else corners
+
+    def gathered_sectors(
+        self, lvl: int, k: int, dtype: str, mapped: bool, torchvision: bool = False, bounded: bool = True
+    ) -> int:
+        """:meth:`gathered` in whole sectors per warp load, bounded by the level's size likewise (``bounded``).
+
+        ``mapped``: the RoIs the level mapper sends to ``lvl`` (aligned=False, as torchvision's pooler) rather
+        than every RoI (aligned=True); ``torchvision``: its kernel's layout (NCHW, one channel per thread).
+        """
+        if self.geometry is None or k == 0:
+            return self.gathered(lvl, k, dtype, bounded)
+        itemsize = _STORAGE[dtype]
+        channels_last = self.channels_last and not torchvision
+        vector = 1 if torchvision else self.vector
+        key = (
+            lvl,
+            mapped,
+            itemsize,
+            channels_last,
+            vector,
+            self.channels,
+            self.output_size,
+            self.sampling_ratio,
+            self.level_shapes[lvl],
+        )
+        g = self.geometry
+        if key not in g._cache:
+            boxes, n = g.sample(lvl if mapped else None)
+            h, w = self.level_shapes[lvl]
+            sectors = warp_load_sectors(
+                boxes,
+                g.scales[lvl],
+                h,
+                w,
+                self.output_size,
+                self.sampling_ratio,
+                not mapped,
+                itemsize,
+                self.channels,
+                channels_last,
+                vector,
+            )
+            g._cache[key] = sectors * SECTOR / max(len(boxes), 1)  # per RoI
+        sectors = round(g._cache[key] * k)
+        return min(sectors, self.level(lvl, dtype)) if bounded else sectors
 
 
-def _kernel(what: str, read: int, written: int, elements: int = 1) -> Kernel:
-    return Kernel(what, read, written, launches=1 if elements > 0 else 0)
+def _kernel(
+    what: str,
+    read: int,
+    written: int,
+    elements: int = 1,
+    sector_read: int | None = None,
+    sector_written: int | None = None,
+) -> Kernel:
+    return Kernel(what, read, written, 1 if elements > 0 else 0, sector_read, sector_written)
 
 
 def _op(name: str, *kernels: Kernel, host_syncs: int = 0) -> Op:
@@ -185,6 +392,7 @@ def _cast(what: str, src: int, dst: int, elements: int = 1) -> Op:
 def _groie_forward(p: Problem) -> list[Op]:
     k, d = p.num_rois, p.dtype
     gathered = sum(p.gathered(lvl, k, d) for lvl in range(p.num_levels))
+    sectors = sum(p.gathered_sectors(lvl, k, d, mapped=False) for lvl in range(p.num_levels))
     return [
         _op(
             "groie::roi_align",
@@ -192,17 +400,28 @@ def _groie_forward(p: Problem) -> list[Op]:
                 f"fused RoIAlign: every RoI on all {p.num_levels} levels, summed in registers, written once",
                 p.rois(k, "fp32") + gathered,
                 p.out(k, d),
+                sector_read=p.rois(k, "fp32") + sectors,
             ),
         )
     ]
 
 
-def _fused_backward(p: Problem, counts: list[int], what: str) -> list[Op]:
+def _scattered(p: Problem, counts: list[int], dtype: str, mapped: bool) -> tuple[int, int]:
+    """Bytes and sector bytes of a fused scatter into every level (``counts[lvl]`` RoIs each)."""
+    levels = range(p.num_levels)
+    return (
+        sum(p.gathered(lvl, counts[lvl], dtype) for lvl in levels),
+        sum(p.gathered_sectors(lvl, counts[lvl], dtype, mapped) for lvl in levels),
+    )
+
+
+def _fused_backward(p: Problem, counts: list[int], what: str, mapped: bool) -> list[Op]:
     """groie::roi_align_backward: zeroed accumulation buffers, one scatter kernel, casts for half types."""
     d, acc = p.dtype, p.acc
     kernels = [_kernel(f"zero-fill level {lvl} gradient ({acc})", 0, p.level(lvl, acc)) for lvl in range(p.num_levels)]
-    scattered = sum(p.gathered(lvl, counts[lvl], acc) for lvl in range(p.num_levels))
-    kernels.append(_kernel(what, p.rois(p.num_rois, "fp32") + p.out(p.num_rois, d) + scattered, scattered))
+    scattered, sectors = _scattered(p, counts, acc, mapped)
+    head = p.rois(p.num_rois, "fp32") + p.out(p.num_rois, d)
+    kernels.append(_kernel(what, head + scattered, scattered, sector_read=head + sectors, sector_written=sectors))
     if d != acc:
         kernels += [
             _kernel(f"cast level {lvl} gradient {acc}->{d}", p.level(lvl, acc), p.level(lvl, d))
@@ -213,13 +432,14 @@ def _fused_backward(p: Problem, counts: list[int], what: str) -> list[Op]:
 
 def _groie_backward(p: Problem) -> list[Op]:
     counts = [p.num_rois] * p.num_levels
-    return _fused_backward(p, counts, "fused scatter: grad read once, atomic adds into every level")
+    return _fused_backward(p, counts, "fused scatter: grad read once, atomic adds into every level", mapped=False)
 
 
 # -------------------------------------------------------------------------------------------------- loop
-def _tv_roi_align(p: Problem, lvl: int, k: int, index_read: int = 0) -> Op:
+def _tv_roi_align(p: Problem, lvl: int, k: int, mapped: bool) -> Op:
     """torchvision::roi_align on k RoIs: zeroed output, NCHW copy of a channels_last level, the kernel."""
     c = p.tv
+    sectors = p.gathered_sectors(lvl, k, c, mapped, torchvision=True)
     kernels = [_kernel("torchvision zero-fills its output", 0, p.out(k, c), k)]
     if p.channels_last:
         kernels.append(
@@ -231,15 +451,22 @@ def _tv_roi_align(p: Problem, lvl: int, k: int, index_read: int = 0) -> Op:
             )
         )
     kernels.append(
-        _kernel(f"torchvision RoIAlign on level {lvl}", p.rois(k, c) + p.gathered(lvl, k, c), p.out(k, c), k)
+        _kernel(
+            f"torchvision RoIAlign on level {lvl}",
+            p.rois(k, c) + p.gathered(lvl, k, c),
+            p.out(k, c),
+            k,
+            sector_read=p.rois(k, c) + sectors,
+        )
     )
     return _op("torchvision::roi_align", *kernels)
 
 
-def _tv_roi_align_backward(p: Problem, lvl: int, k: int) -> Op:
+def _tv_roi_align_backward(p: Problem, lvl: int, k: int, mapped: bool) -> Op:
     """torchvision::_roi_align_backward: zero-filled level gradient (even for k == 0), scatter kernel."""
     c = p.tv
     scattered = p.gathered(lvl, k, c)
+    sectors = p.gathered_sectors(lvl, k, c, mapped, torchvision=True)
     return _op(
         "torchvision::_roi_align_backward",
         _kernel(f"torchvision zero-fills the level {lvl} gradient", 0, p.level(lvl, c)),
@@ -248,6 +475,8 @@ def _tv_roi_align_backward(p: Problem, lvl: int, k: int) -> Op:
             p.rois(k, c) + p.out(k, c) + scattered,
             scattered,
             k,
+            sector_read=p.rois(k, c) + p.out(k, c) + sectors,
+            sector_written=sectors,
         ),
     )
 
@@ -263,7 +492,7 @@ def _loop_forward(p: Problem) -> list[Op]:
         ]
     ops.append(_op("aten::new_zeros", _kernel("zero-fill the output", 0, p.out(k, c))))
     for lvl in range(p.num_levels):
-        ops.append(_tv_roi_align(p, lvl, k))
+        ops.append(_tv_roi_align(p, lvl, k, mapped=False))
         ops.append(_op("aten::add", _kernel(f"out = out + level {lvl} output", 2 * p.out(k, c), p.out(k, c))))
     if d != c:
         ops.append(_cast(f"sum {c}->{d}", p.out(k, c), p.out(k, d)))
@@ -276,7 +505,7 @@ def _loop_backward(p: Problem) -> list[Op]:
     ops = []
     if d != c:
         ops.append(_cast(f"grad {d}->{c}", p.out(k, d), p.out(k, c)))
-    ops += [_tv_roi_align_backward(p, lvl, k) for lvl in reversed(range(p.num_levels))]
+    ops += [_tv_roi_align_backward(p, lvl, k, mapped=False) for lvl in reversed(range(p.num_levels))]
     if d != c:
         ops += [
             _cast(f"level {lvl} gradient {c}->{d}", p.level(lvl, c), p.level(lvl, d)) for lvl in range(p.num_levels)
@@ -343,7 +572,7 @@ def _msra_forward(p: Problem) -> list[Op]:
             _op("aten::eq", _kernel(f"levels == {lvl}", k * _INDEX, k * _MASK)),
             _op("aten::nonzero", _kernel(f"torch.where(levels == {lvl})", k * _MASK, n * _INDEX), host_syncs=1),
             _op("aten::index", _kernel(f"rois of level {lvl}", n * _INDEX + p.rois(n, c), p.rois(n, c), n)),
-            _tv_roi_align(p, lvl, n),
+            _tv_roi_align(p, lvl, n, mapped=True),
             _op(
                 "aten::index_put_",
                 _kernel(f"result[idx] = level {lvl} output", n * _INDEX + p.out(n, c), p.out(n, c), n),
@@ -375,7 +604,7 @@ def _msra_backward(p: Problem) -> list[Op]:
         if n == 1:
             # autograd's sum_to over the broadcastable dim of a one-row value: a copy.
             ops.append(_op("aten::sum", _kernel("sum_to of a one-RoI level", p.out(n, c), p.out(n, c))))
-        ops.append(_tv_roi_align_backward(p, lvl, n))
+        ops.append(_tv_roi_align_backward(p, lvl, n, mapped=True))
     if d != c:
         ops += [
             _cast(f"level {lvl} gradient {c}->{d}", p.level(lvl, c), p.level(lvl, d)) for lvl in range(p.num_levels)
@@ -386,6 +615,7 @@ def _msra_backward(p: Problem) -> list[Op]:
 def _single_forward(p: Problem) -> list[Op]:
     k, d = p.num_rois, p.dtype
     gathered = sum(p.gathered(lvl, n, d) for lvl, n in enumerate(p.level_counts))
+    sectors = sum(p.gathered_sectors(lvl, n, d, mapped=True) for lvl, n in enumerate(p.level_counts))
     return _boxes_to_rois(p, "fp32") + [
         _op(
             "groie::roi_align",
@@ -393,13 +623,16 @@ def _single_forward(p: Problem) -> list[Op]:
                 "fused RoIAlign: level chosen in-kernel, one level per RoI, written once",
                 p.rois(k, "fp32") + gathered,
                 p.out(k, d),
+                sector_read=p.rois(k, "fp32") + sectors,
             ),
         )
     ]
 
 
 def _single_backward(p: Problem) -> list[Op]:
-    return _fused_backward(p, list(p.level_counts), "fused scatter: grad read once, atomic adds into its level")
+    return _fused_backward(
+        p, list(p.level_counts), "fused scatter: grad read once, atomic adds into its level", mapped=True
+    )
 
 
 # ---------------------------------------------------------------------------------- groie_deterministic
@@ -407,26 +640,37 @@ def _det_fill(what: str, written: int) -> Kernel:
     return _kernel(f"deterministic mode fills the uninitialised {what}", 0, written)
 
 
-def deterministic_backward_inner(p: Problem) -> list[Op]:
-    """The ATen ops inside groie::roi_align_backward under torch.use_deterministic_algorithms(True), in order.
+_SCATTER = None
+"""Marks, in :func:`_deterministic_steps`, where the fixed-point scatter kernel runs."""
 
-    ops.py ``_backward_triton``: max |grad| in float64 (one reduction) and a fixed-point scale (scalars), one
-    zeroed int64 buffer per level, the scatter of int64 atomics, an unscale factor (NaN when the gradient is not
-    finite), then per level ``g.to(acc).mul_(unscale).to(dtype)`` (acc: float64 for float64, else float32).
-    Deterministic mode also fills what it allocates uninitialised (the norm's output, each copy, each buffer).
+
+def _deterministic_steps(p: Problem) -> list[Op | None]:
+    """The deterministic backward, in order: the ATen ops it dispatches and :data:`_SCATTER`, its kernel.
+
+    The one description both :func:`deterministic_backward_inner` (the op list, checked against what the
+    real op dispatches) and :func:`_deterministic_backward` (its cost) are read from.
+
+    ops/roi_align.py ``_backward_triton``: max |grad| in float64 (one reduction) and a fixed-point scale
+    (scalars), one zeroed int64 buffer per level, the scatter of int64 atomics, an unscale factor (NaN when the
+    gradient is not finite), then per level ``g.to(acc).mul_(unscale).to(dtype)`` (acc: float64 for float64,
+    else float32). Deterministic mode also fills what it allocates uninitialised (the norm's output, each copy,
+    each buffer).
     """
     k, d, f64, i64 = p.num_rois, p.dtype, "fp64", "int64"
     acc = f64 if d == f64 else "fp32"
     f, a = ITEMSIZE[f64], ITEMSIZE[acc]
-    ops = [
-        _op("aten::linalg_vector_norm", _det_fill("float64 max|grad|", f),
-            _kernel("max |grad| in float64 (a reduction to one scalar)", p.out(k, d), f)),
+    steps: list[Op | None] = [
+        _op(
+            "aten::linalg_vector_norm",
+            _det_fill("float64 max|grad|", f),
+            _kernel("max |grad| in float64 (a reduction to one scalar)", p.out(k, d), f),
+        ),
         _op("aten::clamp_min", _kernel("scale: amax.clamp_min(2**-1000)", f, f)),
         _op("aten::reciprocal", _kernel("scale: 1 / amax", f, f)),
         _op("aten::mul", _kernel("scale: 2**(62 - headroom) / amax", f, f)),
         _op("aten::clamp_max", _kernel("scale: clamp_max(2**120)", f, f)),
     ]
-    ops += [
+    steps += [
         _op(
             "aten::zeros_like",
             _det_fill(f"level {lvl} int64 buffer (empty_like)", p.level(lvl, i64)),
@@ -434,14 +678,15 @@ def deterministic_backward_inner(p: Problem) -> list[Op]:
         )
         for lvl in range(p.num_levels)
     ]
-    ops += [
+    steps.append(_SCATTER)
+    steps += [
         _op("aten::reciprocal", _kernel("unscale: 1 / scale", f, f)),
         _op("aten::sub", _kernel("amax - amax: 0, or NaN when the gradient is not finite", 2 * f, f)),
         _op("aten::add", _kernel("unscale + (amax - amax)", 2 * f, f)),
         _op("aten::_to_copy", _det_fill(f"{acc} unscale", a), _kernel(f"unscale to {acc}", f, a)),
     ]
     for lvl in range(p.num_levels):
-        ops += [
+        steps += [
             _op(
                 "aten::_to_copy",
                 _det_fill(f"level {lvl} {acc} copy", p.level(lvl, acc)),
@@ -450,29 +695,35 @@ def deterministic_backward_inner(p: Problem) -> list[Op]:
             _op("aten::mul_", _kernel(f"level {lvl} * unscale", p.level(lvl, acc) + a, p.level(lvl, acc))),
         ]
         if d != acc:
-            ops.append(
+            steps.append(
                 _op(
                     "aten::_to_copy",
                     _det_fill(f"level {lvl} {d} gradient", p.level(lvl, d)),
                     _kernel(f"level {lvl} gradient {acc} -> {d}", p.level(lvl, acc), p.level(lvl, d)),
                 )
             )
-    return ops
+    return steps
+
+
+def deterministic_backward_inner(p: Problem) -> list[Op]:
+    """The ATen ops inside groie::roi_align_backward under torch.use_deterministic_algorithms(True), in order
+    (:func:`_deterministic_steps` less the scatter kernel, which dispatches no ATen op)."""
+    return [op for op in _deterministic_steps(p) if op is not _SCATTER]
 
 
 def _deterministic_backward(p: Problem) -> list[Op]:
     """groie::roi_align_backward under torch.use_deterministic_algorithms(True): one dispatched op, whose
-    kernels are those of :func:`deterministic_backward_inner` plus the fixed-point scatter."""
-    inner = deterministic_backward_inner(p)
-    at = next(i for i, op in enumerate(inner) if op.name == "aten::reciprocal" and i > 2)  # the scatter runs here
-    scattered = sum(p.gathered(lvl, p.num_rois, "int64") for lvl in range(p.num_levels))
+    kernels are those of :func:`_deterministic_steps`, the fixed-point scatter where it marks."""
+    scattered, sectors = _scattered(p, [p.num_rois] * p.num_levels, "int64", mapped=False)
+    head = p.rois(p.num_rois, "fp32") + p.out(p.num_rois, p.dtype) + ITEMSIZE["fp64"]
     scatter = _kernel(
         "fused scatter: grad read once, int64 fixed-point atomic adds into every level",
-        p.rois(p.num_rois, "fp32") + p.out(p.num_rois, p.dtype) + ITEMSIZE["fp64"] + scattered,
+        head + scattered,
         scattered,
+        sector_read=head + sectors,
+        sector_written=sectors,
     )
-    before, after = ([kn for op in ops for kn in op.kernels] for ops in (inner[:at], inner[at:]))
-    kernels = [*before, scatter, *after]
+    kernels = [kn for step in _deterministic_steps(p) for kn in ((scatter,) if step is _SCATTER else step.kernels)]
     return [_op("groie::roi_align_backward", *kernels)]
 
 

@@ -35,6 +35,7 @@ def test_roi_extraction(benchmark, inputs, provider, mode):
         provider=provider,
         mode=mode,
         modeled_bytes=c.bytes,
+        modeled_sector_bytes=c.sector_bytes,
         launches=c.launches,
         device="cuda" if CUDA else "cpu",
     )
