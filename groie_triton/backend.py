@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from groie_triton.kernels import interpreting
 
 __all__ = ["backend_for", "interpreter_enabled", "acc_dtype"]
 
 
 def interpreter_enabled() -> bool:
     """True when the Triton interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

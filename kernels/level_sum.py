@@ -12,10 +12,9 @@ atomics: the backward is deterministic. Launchers, op and autograd: :mod:`groie_
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+from groie_triton.kernels import interpreting
 
 __all__ = ["ACTIVATIONS", "NONE", "RELU", "LEAKY_RELU", "CONFIGS", "AUTOTUNE_KEY", "compile_specs"]
 
@@ -37,16 +36,10 @@ CONFIGS = [
 AUTOTUNE_KEY = ["NUM_LEVELS", "ACTIVATION"]
 
 
-def _interpreting() -> bool:
-    # The package's check is groie_triton.backend.interpreter_enabled; the kernels sit below the package and
-    # do not import it.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _prune_for_interpreter(configs, named_args, **kwargs):
     # The interpreter has no benchmarker ("0 active drivers"): keep the largest block, which also interprets
     # fastest. GPU runs benchmark every config.
-    if _interpreting():
+    if interpreting():
         return [max(configs, key=lambda c: c.kwargs["BLOCK"])]
     return configs
 

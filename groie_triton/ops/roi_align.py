@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import triton
 from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 
@@ -117,7 +116,7 @@ def _kernel_args(geometry: PoolGeometry, features: list[torch.Tensor], rois: tor
     fixed-point scatter).
 
     The one place that knows the kernels' signature: ``features`` and ``rois`` are laid out already
-    (:func:`_layout`, contiguous rois); launch with ``kernel[_grid(...)](**_kernel_args(...))``.
+    (:func:`_layout`, contiguous rois); launch with ``kernel[K.grid(...)](**_kernel_args(...))``.
     """
     f0 = features[0]
     channels = int(f0.shape[1])
@@ -127,11 +126,11 @@ def _kernel_args(geometry: PoolGeometry, features: list[torch.Tensor], rois: tor
         heights=tuple(int(f.shape[2]) for f in features),
         widths=tuple(int(f.shape[3]) for f in features),
         **_split_scales(geometry.spatial_scales),
-        N=int(f0.shape[0]), C=channels, sampling_ratio=int(max(sampling_ratio, 0)),
+        N=int(f0.shape[0]), C=channels,
         canonical_scale=float(geometry.canonical_scale), canonical_level=float(geometry.canonical_level),
         finest_scale=float(geometry.finest_scale),
         PH=geometry.pooled_height, PW=geometry.pooled_width, NUM_LEVELS=len(features), MODE=_mode(geometry),
-        K_MIN=int(geometry.k_min), ALIGNED=bool(geometry.aligned), ADAPTIVE=geometry.adaptive,
+        K_MIN=int(geometry.k_min), ALIGNED=bool(geometry.aligned), SAMPLING=max(int(sampling_ratio), 0),
         CHANNELS_LAST=channels_last, INDEX64=any(math.prod(f.shape[1:]) >= 2**31 for f in features),
         ACC=tl_acc_dtype(f0.dtype), enable_fp_fusion=True,
     )
@@ -148,18 +147,13 @@ def _kernel_args(geometry: PoolGeometry, features: list[torch.Tensor], rois: tor
     return args
 
 
-def _grid(num_rois: int, channels: int):
-    # RoIs on grid axis 0: CUDA limits axes 1 and 2 to 65535, axis 0 to 2**31 - 1.
-    return lambda meta: (num_rois, triton.cdiv(channels, meta["BLOCK_C"]))
-
-
 def _forward_triton(features: list[torch.Tensor], rois: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
     features, channels_last = _layout(features)
     num_rois, channels = rois.shape[0], features[0].shape[1]
     out = _empty_output(features, geometry, num_rois, channels_last)
     if out.numel() == 0:
         return out
-    K._roi_align_fwd_kernel[_grid(num_rois, channels)](
+    K._roi_align_fwd_kernel[K.grid(num_rois, channels, geometry.pooled_height * geometry.pooled_width)](
         **_kernel_args(geometry, features, rois.contiguous(), channels_last, out=out))
     return out
 
@@ -185,7 +179,7 @@ def _backward_triton(grad: torch.Tensor, rois: torch.Tensor, features: list[torc
         grads = [torch.zeros_like(f, dtype=acc, memory_format=fmt) for f in features]
         fixed_scale = None
     if grad.numel() > 0:
-        K._roi_align_bwd_kernel[_grid(num_rois, channels)](
+        K._roi_align_bwd_kernel[K.grid(num_rois, channels, ph * pw)](
             **_kernel_args(geometry, features, rois.contiguous(), channels_last, grad=grad, grads=grads,
                            fixed_scale=fixed_scale))
     if deterministic:

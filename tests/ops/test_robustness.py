@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torchvision
+from groie_triton.kernels import roi_align as roi_align_kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,9 +95,11 @@ def test_deterministic_backward_of_non_finite_gradient_is_nan(deterministic):
 
 
 def test_grid_puts_rois_on_the_unbounded_axis():
-    # CUDA's grid y and z are limited to 65535; x to 2**31 - 1. RoIs go on x.
-    grid = roi_align_op._grid(1_000_000, 256)({"BLOCK_C": 32})
-    assert grid == (1_000_000, 8)
+    # CUDA's grid y and z are limited to 65535; x to 2**31 - 1. RoIs x chunks go on x.
+    grid = roi_align_kernels.grid(1_000_000, 256, 49)({"V": 2, "BLOCK": 128})
+    assert grid == (1_000_000 * 49,)
+    with pytest.raises(ValueError, match="split the RoIs"):
+        roi_align_kernels.grid(50_000_000, 256, 49)({"V": 1, "BLOCK": 64})
 
 
 def test_more_than_65535_rois_reference_backend(monkeypatch):
