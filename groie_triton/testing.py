@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["TOLERANCES", "DTYPE_NAMES", "tolerance", "assert_close_to", "make_pyramid", "random_rois",
-           "edge_rois"]
+           "edge_rois", "count_launches"]
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
@@ -88,3 +88,19 @@ def edge_rois(n: int = 2, h: int = 11, w: int = 13, scale: float = 0.5, dtype: t
     rois = torch.tensor(boxes, dtype=torch.float64)
     rois[:, 0] = rois[:, 0] % max(n, 1)
     return rois.to(dtype)
+
+
+def count_launches(monkeypatch, module, names: Sequence[str], launches: list | None = None) -> list:
+    """Record, in ``launches`` (a new list by default), the name of each launch of the listed autotuned
+    kernels of ``module``; ``monkeypatch`` (pytest's) restores them after the test."""
+    launches = [] if launches is None else launches
+    for name in names:
+        kernel = getattr(module, name)
+        original = kernel.run
+
+        def counting(*args, _name=name, _original=original, **kw):
+            launches.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(kernel, "run", counting)
+    return launches

@@ -1,5 +1,8 @@
 """``python -m groie_triton.detection train|evaluate|parity|experiment``: see ``--help`` of each command.
 
+``experiment`` runs baseline vs GRoIE for the systems of the GRoIE paper's table (all four by default) and
+resumes by default: finished runs are skipped, interrupted ones continue from their checkpoints.
+
 Errors a user can cause (missing or corrupt checkpoint, a checkpoint of another model or extractor,
 unknown names, an empty image list) print one ``error:`` line on stderr and exit with status 1; argparse
 usage errors exit with status 2.
@@ -16,11 +19,11 @@ from typing import Any
 
 from groie_triton.detection.config import PRESETS, DetectionError, TrainConfig
 from groie_triton.detection.data import DATASETS
-from groie_triton.detection.evaluate import evaluate
-from groie_triton.detection.experiment import experiment, results_table
+from groie_triton.detection.evaluation import evaluate
+from groie_triton.detection.experiments import SYSTEMS, paper_experiment, paper_table
 from groie_triton.detection.models import BACKBONES, EXTRACTORS, MODELS, NORMS, ModelConfig
-from groie_triton.detection.parity import QUICK_TEST_TIME, QUICK_TRAIN, parity
-from groie_triton.detection.train import train
+from groie_triton.detection.parity_check import QUICK_TEST_TIME, QUICK_TRAIN, parity
+from groie_triton.detection.training import train
 
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -56,7 +59,7 @@ def _test_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m groie_triton.detection",
-        description="Faster/Mask R-CNN with baseline or GRoIE RoI extraction on the procedural shapes set.",
+        description="Faster/Mask/Grid R-CNN with baseline or GRoIE RoI extraction on the procedural shapes set.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -103,21 +106,30 @@ def _parser() -> argparse.ArgumentParser:
         f"iterations); {QUICK_TEST_TIME['proposals']} proposals, {QUICK_TEST_TIME['max_detections']} detections, "
         f"score >= {QUICK_TEST_TIME['score_thresh']:g}; one torch thread",
     )
+    q.add_argument(
+        "--model", choices=MODELS, default="mask_rcnn", help="the detector --quick trains (ignored with --checkpoint)"
+    )
     q.add_argument("--images", type=int, default=2, help="validation images compared (default 2)")
     q.add_argument("--box-tol", type=float, default=1e-3, help="max box coordinate difference (pixels)")
     q.add_argument("--ap-tol", type=float, default=0.1, help="max AP difference (points)")
     _test_time(q)
     _common(q)
 
-    x = sub.add_parser("experiment", help="baseline vs GRoIE, same seed and schedule; results.json + results.md")
+    x = sub.add_parser(
+        "experiment",
+        help="baseline vs GRoIE for the paper's systems, same seed, data and schedule; OUT/results.{json,md}",
+    )
     x.add_argument("--out", default="runs/detection/experiment")
-    x.add_argument("--model", choices=MODELS, default="mask_rcnn")
-    x.add_argument("--gcnet", action="store_true")
+    x.add_argument("--systems", nargs="+", choices=tuple(SYSTEMS), help=f"default: all ({', '.join(SYSTEMS)})")
+    x.add_argument("--model", choices=MODELS, help="one detector only (same as --systems MODEL)")
+    x.add_argument("--gcnet", action="store_true", help="the GC-Net system only (same as --systems gcnet)")
     x.add_argument("--quick", action="store_true", help="the quick preset (smoke test of the experiment)")
     x.add_argument("--iterations", type=int)
     x.add_argument("--eval-images", type=int)
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--resume", action="store_true")
+    x.add_argument("--seed", type=int, default=0, help="one seed (default 0)")
+    x.add_argument("--seeds", type=int, nargs="+", help="several seeds, each a full pair (overrides --seed)")
+    x.add_argument("--resume", action="store_true", help="the default: skip finished runs, continue interrupted ones")
+    x.add_argument("--restart", action="store_true", help="retrain every selected run from scratch")
     _common(x)
     return parser
 
@@ -159,6 +171,19 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _experiment_systems(args: argparse.Namespace) -> list[str]:
+    """--systems, or the one system --model / --gcnet names, or all."""
+    if args.gcnet:
+        if args.model not in (None, "mask_rcnn") or (args.systems and args.systems != ["gcnet"]):
+            raise ValueError("--gcnet selects the GC-Net system (Mask R-CNN + context blocks) only")
+        return ["gcnet"]
+    if args.model is not None:
+        if args.systems and args.systems != [args.model]:
+            raise ValueError("give either --model or --systems")
+        return [args.model]
+    return list(args.systems or SYSTEMS)
+
+
 def _leave_process_group() -> None:
     import torch.distributed as dist
 
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 score_thresh=args.score_thresh,
                 box_tol=args.box_tol,
                 ap_tol=args.ap_tol,
+                model=args.model,
             )
             print(
                 f"parity {'PASSED' if result['passed'] else 'FAILED'} on {result['images']} images: "
@@ -206,19 +232,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  reference ({result['backend_reference']}): {_format_metrics(result['ap_reference'])}")
             print(f"  triton    ({result['backend_triton']}): {_format_metrics(result['ap_triton'])}")
         else:
-            result = experiment(
+            result = paper_experiment(
                 args.out,
-                model=args.model,
-                gcnet=args.gcnet,
+                systems=_experiment_systems(args),
+                seeds=args.seeds or [args.seed],
                 preset="quick" if args.quick else "experiment",
                 iterations=args.iterations,
                 eval_images=args.eval_images,
-                seed=args.seed,
                 device=args.device,
-                resume=args.resume,
+                resume=not args.restart,
                 progress=not args.no_progress,
             )
-            print(results_table(result))
+            print(paper_table(result))
     except (DetectionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """Checkpoints: the atomic write, the validated read, and the model a checkpoint describes.
 
 A checkpoint is a dict ``{"format", "model_config", "train_config", "iteration", "world_size", "model",
-"optimizer", "rng", "history"}`` written by :func:`groie_triton.detection.train.train`; ``rng`` holds one
-generator state per DDP rank (what the RPN/RoI samplers draw from), so a resumed run continues exactly.
+"optimizer", "rng", "history", "train_seconds"}`` written by :func:`groie_triton.detection.training.train`;
+``rng`` holds one generator state per DDP rank (what the RPN/RoI samplers draw from), so a resumed run
+continues exactly; ``train_seconds`` is the training time up to it, resumed runs included (absent in older
+checkpoints).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, *, extractor: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """Read and validate a checkpoint written by :func:`~groie_triton.detection.train.train`.
+    """Read and validate a checkpoint written by :func:`~groie_triton.detection.training.train`.
 
     ``extractor`` / ``model``, when given, must match what the checkpoint was trained with. Raises
     CheckpointError (with the path and the reason) for a missing, unreadable or foreign file, or a mismatch.

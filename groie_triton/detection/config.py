@@ -59,8 +59,12 @@ class TrainConfig:
 
 
 # Presets: "quick" fits a CPU smoke run in seconds (baseline; GRoIE's reference path is ~10x slower per
-# step); "experiment" is the baseline-vs-GRoIE CPU comparison, estimated from per-iteration timings at
-# ~0.5 s (baseline) and ~1 s (GRoIE) per iteration on 2 cores, i.e. roughly 15-35 min per model.
+# step); "experiment" is the baseline-vs-GRoIE CPU comparison of every system (experiments.SYSTEMS), the same
+# for all of them. Its 1800 iterations are sized so the heaviest pair (Grid R-CNN) stays within about an hour
+# on 2 idle cores: estimated steady-state seconds per iteration, baseline + GRoIE, are Faster 0.33 + 0.56,
+# Mask 0.44 + 0.96, GC-Net 0.46 + 0.98, Grid 0.60 + 1.14 (from 1-thread CPU times of each model plus the
+# per-positive-RoI cost of its heads, calibrated on the measured 0.95 s/it of an earlier GRoIE Mask R-CNN
+# run), i.e. about 27, 42, 43 and 52 min of training per pair, plus 2-3 min of evaluation.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "model": dict(
@@ -91,7 +95,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             box_batch_size_per_image=128,
             box_detections_per_img=50,
         ),
-        "train": dict(train_images=1024, iterations=2000, batch_size=2, lr=0.02, warmup_iters=200),
+        "train": dict(train_images=1024, iterations=1800, batch_size=2, lr=0.02, warmup_iters=200),
         "eval_images": 200,
     },
 }

@@ -1,13 +1,16 @@
-"""Builders for torchvision's Faster/Mask R-CNN with baseline or GRoIE RoI extraction, optionally GC-Net.
+"""Builders for Faster/Mask/Grid R-CNN with baseline or GRoIE RoI extraction, optionally GC-Net.
 
 The detectors are torchvision's own :class:`~torchvision.models.detection.FasterRCNN` and
-:class:`~torchvision.models.detection.MaskRCNN`; only three things are chosen here:
+:class:`~torchvision.models.detection.MaskRCNN`, and :class:`~groie_triton.detection.grid.GridRCNN` (torchvision's
+Faster R-CNN with mmdetection's Grid R-CNN RoI head); only three things are chosen here:
 
 * the backbone: a ResNet (resnet18 by default, random init: nothing can be downloaded here) with an FPN
   (P2-P5 plus the max-pooled P6 that only the RPN sees), with a configurable normalisation layer;
 * the RoI extraction: ``"baseline"`` is torchvision's :class:`~torchvision.ops.MultiScaleRoIAlign` (one FPN
-  level per RoI), ``"groie"`` is :class:`groie_triton.extractor.GRoIEPooler` with the paper's box (7x7) and
-  mask (14x14) configs (all levels, shared 5x5 pre-conv, sum, GeneralizedAttention "0100" post-module);
+  level per RoI), ``"groie"`` is :class:`groie_triton.extractor.GRoIEPooler` (GenericRoIExtractor behind
+  torchvision's pooler interface) with the paper's box (7x7) and mask (14x14) configs (all levels, shared 5x5
+  pre-conv, sum, GeneralizedAttention "0100" post-module); the 14x14 one is the mask extractor of Mask R-CNN
+  and the grid extractor of Grid R-CNN;
 * GC-Net: a :class:`ContextBlock` after the last conv (and its norm) of every residual block of c3-c5.
 
 The images here are small (128-256 px instead of COCO's ~800), so anchors and the baseline's level mapping
@@ -31,6 +34,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from groie_triton.detection.grid import GRID_NMS_THRESH, ClassOnlyPredictor, GridHead, GridRCNN
 
 __all__ = [
     "BACKBONES",
@@ -62,6 +67,12 @@ class ModelConfig:
     times image_size / 256 for P2-P6) and the baseline's ``canonical_scale`` (default: 224 scaled from COCO's
     800 px to ``image_size``, so the FPN paper's mapping sends the dataset's objects to every level).
     ``fpn_channels`` is the FPN width (the paper: 256); the GRoIE pre/post modules use the same width.
+    ``box_nms_thresh`` None means the detector's default: torchvision's 0.5, mmdetection's 0.3 for Grid R-CNN.
+    ``grid_point_channels`` (Grid R-CNN: channels per grid point, a multiple of 4 because the head's GroupNorm
+    has 36 groups over 9 points) None means ``fpn_channels / 4`` (the paper's 64 for 256) rounded to a
+    multiple of 4; ``grid_dilation`` is the dilation of the grid head's stride-1 convs (mmdetection: 1).
+    These two defaults are resolved when the model is built (:meth:`nms_thresh`, :meth:`point_channels`),
+    so a config whose ``model`` or ``fpn_channels`` is overridden gets the defaults of the new values.
     """
 
     model: str = "mask_rcnn"
@@ -83,6 +94,9 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     representation_size: int = 1024
     mask_head_channels: int = 256
+    box_nms_thresh: float | None = None
+    grid_point_channels: int | None = None
+    grid_dilation: int = 1
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -102,9 +116,27 @@ class ModelConfig:
             raise ValueError(f"anchor_sizes needs one size per level P2-P6, got {self.anchor_sizes}")
         if self.canonical_scale is None:
             self.canonical_scale = max(1, int(round(224 * self.image_size / _COCO_IMAGE_SIZE)))
+        if self.box_nms_thresh is not None and not 0 < self.box_nms_thresh <= 1:
+            raise ValueError(f"box_nms_thresh must be in (0, 1], got {self.box_nms_thresh}")
+        if self.grid_point_channels is not None and (self.grid_point_channels <= 0 or self.grid_point_channels % 4):
+            raise ValueError(f"grid_point_channels must be a positive multiple of 4, got {self.grid_point_channels}")
+        if self.grid_dilation < 1:
+            raise ValueError(f"grid_dilation must be at least 1, got {self.grid_dilation}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def nms_thresh(self) -> float:
+        """The per-class NMS IoU threshold of the detections: ``box_nms_thresh`` or the detector's default."""
+        if self.box_nms_thresh is not None:
+            return self.box_nms_thresh
+        return GRID_NMS_THRESH if self.model == "grid_rcnn" else 0.5
+
+    def point_channels(self) -> int:
+        """Grid R-CNN's channels per grid point: ``grid_point_channels`` or ``fpn_channels / 4`` (multiple of 4)."""
+        if self.grid_point_channels is not None:
+            return self.grid_point_channels
+        return max(4, 4 * round(self.fpn_channels / 16))
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -213,12 +245,25 @@ def _mask_rcnn(cfg: ModelConfig, backbone: BackboneWithFPN, fine_pool: nn.Module
     )
 
 
+def _grid_rcnn(cfg: ModelConfig, backbone: BackboneWithFPN, fine_pool: nn.Module, common: dict[str, Any]) -> GridRCNN:
+    # mmdetection's Grid R-CNN box branch only classifies: the shared FastRCNNPredictor is replaced.
+    kwargs = {k: v for k, v in common.items() if k != "box_predictor"}
+    return GridRCNN(
+        backbone,
+        grid_roi_pool=fine_pool,
+        grid_head=GridHead(cfg.fpn_channels, point_feat_channels=cfg.point_channels(), dilation=cfg.grid_dilation),
+        box_predictor=ClassOnlyPredictor(cfg.representation_size, cfg.num_classes),
+        **kwargs,
+    )
+
+
 # One builder per detector, called as builder(config, FPN backbone, 14x14 RoI pooler, common) where common
 # holds the torchvision keyword arguments every detector shares (transform, RPN, 7x7 box pooler, box head
 # and predictor). ModelConfig.model and the CLI's --model choices are the keys: a new detector is one entry.
 MODEL_BUILDERS: dict[str, Callable[..., FasterRCNN]] = {
     "faster_rcnn": _faster_rcnn,
     "mask_rcnn": _mask_rcnn,
+    "grid_rcnn": _grid_rcnn,
 }
 MODELS = tuple(MODEL_BUILDERS)
 
@@ -226,9 +271,10 @@ MODELS = tuple(MODEL_BUILDERS)
 def build_model(cfg: ModelConfig | None = None, **overrides: Any) -> FasterRCNN:
     """Build a randomly initialised detector from a :class:`ModelConfig` (keyword overrides allowed).
 
-    Returns a torchvision FasterRCNN (``model="faster_rcnn"``) or MaskRCNN (``"mask_rcnn"``) whose box and
-    mask RoI poolers are the baseline or GRoIE ones. Raises ValueError for unknown model, extractor,
-    backbone or norm names; ImportError if ``extractor="groie"`` and :mod:`groie_triton.extractor` is absent.
+    Returns a torchvision FasterRCNN (``model="faster_rcnn"``), MaskRCNN (``"mask_rcnn"``) or a GridRCNN
+    (``"grid_rcnn"``, a FasterRCNN subclass) whose 7x7 box and 14x14 mask / grid RoI poolers are the baseline
+    or GRoIE ones. Raises ValueError for unknown model, extractor, backbone or norm names; ImportError if
+    ``extractor="groie"`` and :mod:`groie_triton.extractor` is absent.
     """
     base = cfg.to_dict() if cfg is not None else {}
     cfg = model_config_from_dict({**base, **overrides})
@@ -253,6 +299,7 @@ def build_model(cfg: ModelConfig | None = None, **overrides: Any) -> FasterRCNN:
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
         box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.nms_thresh(),
     )
     model = MODEL_BUILDERS[cfg.model](cfg, backbone, fine_pool, common)
     model.config = cfg

@@ -1,6 +1,6 @@
 """DistributedDataParallel training of the detection pipeline (gloo on CPU, loopback only).
 
-Two processes train for a few steps through :func:`groie_triton.detection.train.train` exactly as under
+Two processes train for a few steps through :func:`groie_triton.detection.training.train` exactly as under
 torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment); their gradients must equal
 those of one process on the same global batch. DDP averages per-rank losses, each normalised over its own
 rank's samples, and each rank draws its own RPN/RoI samples from its own generator; the single-process
@@ -28,7 +28,7 @@ import torch
 from groie_triton.detection.config import PRESETS, TrainConfig
 from groie_triton.detection.data import build_dataset, collate
 from groie_triton.detection.models import ModelConfig, build_model
-from groie_triton.detection.train import batch_indices, train
+from groie_triton.detection.training import batch_indices, train
 from groie_triton.testing import assert_close_to
 
 WORLD = 2

@@ -19,11 +19,11 @@ import torch
 from groie_triton.detection.__main__ import main
 from groie_triton.detection.config import PRESETS, CheckpointError, TrainConfig
 from groie_triton.detection.data import CLASSES, ShapesDataset, build_dataset, collate, export_coco_json
-from groie_triton.detection.evaluate import coco_evaluate, evaluate
-from groie_triton.detection.experiment import experiment
+from groie_triton.detection.evaluation import coco_evaluate, evaluate
+from groie_triton.detection.experiments import experiment
 from groie_triton.detection.models import ContextBlock, ModelConfig, build_model
-from groie_triton.detection.parity import parity
-from groie_triton.detection.train import train, train_step
+from groie_triton.detection.parity_check import parity
+from groie_triton.detection.training import train, train_step
 from groie_triton.testing import assert_close_to
 
 # pycocotools' mask decoding trips numpy 2's __array__(copy=) deprecation; not ours to fix.

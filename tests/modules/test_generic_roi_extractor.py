@@ -22,7 +22,7 @@ import groie_triton
 from groie_triton import extractor as extractor_module
 from groie_triton.attention import GeneralizedAttention
 from groie_triton.extractor import GenericRoIExtractor, GRoIEPooler, groie_paper_cfg
-from groie_triton.testing import assert_close_to, make_pyramid, random_rois
+from groie_triton.testing import assert_close_to, count_launches, make_pyramid, random_rois
 
 try:
     from mmcv.cnn.bricks import GeneralizedAttention as MmcvGeneralizedAttention
@@ -155,24 +155,9 @@ def test_extractor_matches_mmdetection_loop(variant, output_size, scale_factor):
         torch.testing.assert_close(buf, dict(loop.named_buffers())[name], msg=name)
 
 
-def _count_launches(monkeypatch, module, names, launches=None):
-    """Record the name of each launch of the listed autotuned kernels of ``module`` in ``launches``."""
-    launches = [] if launches is None else launches
-    for name in names:
-        kernel = getattr(module, name)
-        original = kernel.run
-
-        def counting(*args, _name=name, _original=original, **kw):
-            launches.append(_name)
-            return _original(*args, **kw)
-
-        monkeypatch.setattr(kernel, "run", counting)
-    return launches
-
-
 def test_shared_pre_module_is_one_stack_launch_one_conv_and_one_level_sum(monkeypatch):
-    launches = _count_launches(monkeypatch, roi_kernels, ["_roi_align_fwd_kernel", "_roi_align_bwd_kernel"])
-    _count_launches(monkeypatch, level_sum, ["_level_sum_act_fwd", "_level_sum_act_bwd"], launches)
+    launches = count_launches(monkeypatch, roi_kernels, ["_roi_align_fwd_kernel", "_roi_align_bwd_kernel"])
+    count_launches(monkeypatch, level_sum, ["_level_sum_act_fwd", "_level_sum_act_bwd"], launches)
     aggregations = []
     original = extractor_module.multilevel_roi_align
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import groie_triton
 from groie_triton.ops import ACTIVATIONS, level_sum_act
-from groie_triton.testing import assert_close_to
+from groie_triton.testing import assert_close_to, count_launches
 
 
 def _act(y: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
@@ -25,21 +25,6 @@ def _levels(dtype, shape=(3, 4, 5, 3, 3), seed=0):
     y = torch.randn(shape, generator=g, dtype=torch.float64)
     y.view(-1)[::7] = 0.0  # the derivative at exactly 0 is torch's convention, checked too
     return y.to(dtype)
-
-
-def _count_launches(monkeypatch, module, names):
-    """Record the name of each launch of the listed autotuned kernels of ``module``."""
-    launches = []
-    for name in names:
-        kernel = getattr(module, name)
-        original = kernel.run
-
-        def counting(*args, _name=name, _original=original, **kw):
-            launches.append(_name)
-            return _original(*args, **kw)
-
-        monkeypatch.setattr(kernel, "run", counting)
-    return launches
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -73,7 +58,7 @@ def test_level_sum_keeps_channels_last_and_reads_any_strides():
 
 
 def test_level_sum_is_one_launch_each_way(monkeypatch):
-    launches = _count_launches(monkeypatch, kernels, ["_level_sum_act_fwd", "_level_sum_act_bwd"])
+    launches = count_launches(monkeypatch, kernels, ["_level_sum_act_fwd", "_level_sum_act_bwd"])
     y = _levels(torch.float32).requires_grad_(True)
     level_sum_act(y, "relu").sum().backward()
     assert launches == ["_level_sum_act_fwd", "_level_sum_act_bwd"]

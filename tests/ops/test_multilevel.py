@@ -9,7 +9,7 @@ from groie_triton.kernels import roi_align as kernels
 from torchvision.ops.poolers import initLevelMapper
 
 from groie_triton import MAX_LEVELS, MultiScaleRoIAlign, mapped_roi_align, multilevel_roi_align
-from groie_triton.testing import TOLERANCES, assert_close_to, make_pyramid, random_rois
+from groie_triton.testing import TOLERANCES, assert_close_to, count_launches, make_pyramid, random_rois
 from tests.oracle import roi_align_oracle
 
 STRIDES = [4, 8, 16, 32]
@@ -186,16 +186,7 @@ def test_multiscale_roialign_single_level_and_backward():
 
 
 def test_one_launch_each_way_whatever_the_levels(monkeypatch):
-    launches = []
-    for name in ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel"):
-        kernel = getattr(kernels, name)
-        original = kernel.run
-
-        def counting(*args, _name=name, _original=original, **kw):
-            launches.append(_name)
-            return _original(*args, **kw)
-
-        monkeypatch.setattr(kernel, "run", counting)
+    launches = count_launches(monkeypatch, kernels, ["_roi_align_fwd_kernel", "_roi_align_bwd_kernel"])
     feats = [f.requires_grad_() for f in make_pyramid()]
     multilevel_roi_align(feats, random_rois(), 7, SCALES).sum().backward()
     assert launches == ["_roi_align_fwd_kernel", "_roi_align_bwd_kernel"]

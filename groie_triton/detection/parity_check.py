@@ -1,5 +1,8 @@
 """Parity: one GRoIE checkpoint evaluated through the reference implementation and through the Triton kernels.
 
+Any detector works (Faster, Mask, Grid R-CNN): the comparison is of the final detections (boxes, labels,
+scores, and mask probabilities where there are masks) and of their COCO AP.
+
 The two evaluations run in two subprocesses of ``python -m groie_triton.detection evaluate``, because the
 interpreter switch (``TRITON_INTERPRET``) is read when triton is imported.
 """
@@ -103,13 +106,15 @@ def parity(
     box_tol: float = 1e-3,
     ap_tol: float = 0.1,
     timeout: float = 1800.0,
+    model: str = "mask_rcnn",
 ) -> dict[str, Any]:
     """Evaluate one GRoIE checkpoint through the reference implementation and through the Triton kernels.
 
     The two evaluations run in two subprocesses (the interpreter switch is read when triton is imported):
     reference = CPU with ``TRITON_INTERPRET=0``; Triton = ``device`` (CUDA: compiled kernels; CPU:
-    ``TRITON_INTERPRET=1``, the interpreter). Without ``checkpoint`` (``quick``) a tiny GRoIE Mask R-CNN is
-    trained first (``QUICK_TRAIN_ARGS``). ``proposals`` / ``max_detections`` / ``score_thresh`` override the
+    ``TRITON_INTERPRET=1``, the interpreter). Without ``checkpoint`` (``quick``) a tiny GRoIE ``model`` (any
+    of :data:`~groie_triton.detection.models.MODELS`; default Mask R-CNN) is trained first (``QUICK_TRAIN_ARGS``);
+    with a checkpoint, ``model`` is ignored. ``proposals`` / ``max_detections`` / ``score_thresh`` override the
     checkpoint's test-time settings in both runs (``quick`` defaults: ``QUICK_TEST_TIME``); ``quick`` also
     runs the subprocesses with ``QUICK_ENV`` (one torch thread) where the environment does not set it. Returns
     ``{"passed", "ap_reference", "ap_triton", "ap_max_abs_diff", "max_box_abs_diff", "same_labels_and_order",
@@ -132,7 +137,7 @@ def parity(
             if not quick:
                 raise DetectionError("parity needs --checkpoint (or --quick to train a tiny one first)")
             t0 = time.perf_counter()
-            args = ["train", *QUICK_TRAIN_ARGS, "--out", str(tmp_path / "train"), "--no-progress"]
+            args = ["train", *QUICK_TRAIN_ARGS, "--model", model, "--out", str(tmp_path / "train"), "--no-progress"]
             _run_cli(args, {**env, "TRITON_INTERPRET": "0"}, timeout)
             train_seconds = time.perf_counter() - t0
             checkpoint = tmp_path / "train" / "last.pt"

@@ -31,7 +31,7 @@ from groie_triton.detection.checkpoint import (
 )
 from groie_triton.detection.config import CheckpointError, DetectionError, TrainConfig, resolve_device
 from groie_triton.detection.data import build_dataset, collate
-from groie_triton.detection.models import ModelConfig, build_model
+from groie_triton.detection.models import ModelConfig, build_model, model_config_from_dict
 
 __all__ = ["batch_indices", "lr_at", "train", "train_step"]
 
@@ -131,7 +131,9 @@ def train(
 ) -> dict[str, Any]:
     """Train ``model_cfg`` on ``train_cfg`` and write ``out_dir/last.pt``; returns a summary dict.
 
-    Checkpoints every ``train_cfg.checkpoint_every`` iterations and at the end. ``resume=True`` continues
+    Checkpoints every ``train_cfg.checkpoint_every`` iterations and at the end. ``seconds`` in the summary is
+    this call's training time, ``total_seconds`` includes the time of the runs it resumed from (as saved in
+    their checkpoints). ``resume=True`` continues
     from ``out_dir/last.pt`` (which must hold the same model and train configs). ``stop_after=N`` stops
     after iteration N without a final checkpoint, as an interrupted run would (for testing resume).
     Under torchrun (``WORLD_SIZE`` > 1) each rank trains on its share of every global batch under
@@ -154,8 +156,14 @@ def train(
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path, extractor=model_cfg.extractor, model=model_cfg.model)
-        diff = config_diff(canonical(ckpt["model_config"]), canonical(model_cfg.to_dict()))
-        diff += config_diff(canonical(ckpt["train_config"]), canonical(asdict(train_cfg)))
+        # Through the config classes, so a checkpoint saved before a field existed compares with its default.
+        try:
+            stored_model = model_config_from_dict(ckpt["model_config"]).to_dict()
+            stored_train = asdict(TrainConfig(**ckpt["train_config"]))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot resume from {ckpt_path}: invalid stored configuration ({exc})") from None
+        diff = config_diff(canonical(stored_model), canonical(model_cfg.to_dict()))
+        diff += config_diff(canonical(stored_train), canonical(asdict(train_cfg)))
         if diff:
             raise CheckpointError(f"cannot resume from {ckpt_path}: configuration differs ({'; '.join(diff)})")
         if ckpt.get("world_size", 1) != dist_info.world_size:
@@ -184,6 +192,7 @@ def train(
         # Each rank draws its own RoI/anchor samples; rank 0 of a 1-process run uses the seed itself.
         torch.manual_seed(train_cfg.seed + dist_info.rank)
     history: list[dict[str, Any]] = list(ckpt.get("history", [])) if ckpt is not None else []
+    seconds_before = float(ckpt.get("train_seconds", 0.0)) if ckpt is not None else 0.0
 
     net: nn.Module = model
     if dist_info.enabled:
@@ -211,6 +220,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "rng": states,
                     "history": history,
+                    "train_seconds": seconds_before + time.perf_counter() - t0,
                 },
             )
 
@@ -259,6 +269,7 @@ def train(
         "iterations": train_cfg.iterations,
         "interrupted": interrupted,
         "seconds": time.perf_counter() - t0,
+        "total_seconds": seconds_before + time.perf_counter() - t0,
         "final_losses": last,
         "history": history,
         "world_size": dist_info.world_size,
