@@ -36,19 +36,6 @@ TINY_GRID = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _head(**kw) -> GridHead:
     torch.manual_seed(0)
     return GridHead(in_channels=16, point_feat_channels=8, **kw)
