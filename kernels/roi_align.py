@@ -52,7 +52,7 @@ FWD_CONFIGS = [_config(v, w, r) for v, r in ((1, 64), (2, 96), (4, 128)) for w i
 BWD_CONFIGS = [_config(v, w, r) for v, r in ((1, 48), (2, 96), (4, 128)) for w in _WARPS]
 
 # What changes the best config; never the number of RoIs, so a new batch does not re-tune.
-AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "SAMPLING"]
+AUTOTUNE_KEY = ["C", "PH", "PW", "NUM_LEVELS", "MODE", "CHANNELS_LAST", "SAMPLING", "INDEX64"]
 
 
 def configs_for(configs, fp64: bool) -> list:
@@ -103,7 +103,8 @@ def _program(C, PH: tl.constexpr, PW: tl.constexpr, V: tl.constexpr, BLOCK: tl.c
 def _level_range(x1, y1, x2, y2, b_valid, canonical_scale, canonical_level, finest_scale, K_MIN: tl.constexpr,
                  NUM_LEVELS: tl.constexpr, MODE: tl.constexpr):
     """The levels [lo, hi) a RoI is pooled from: all of them, or (mapping modes) the one its size maps to; none
-    for an invalid batch index or (mapping modes) an area that is not finite. The bounds are runtime values:
+    for an invalid batch index (but PER_LEVEL, which must write every slice) or (mapping modes) an area that is
+    not finite. The bounds are runtime values:
     ptxas keeps the level loop rolled (the AMD backend still unrolls it fully in the all-level modes)."""
     if MODE == _MAP_TORCHVISION or MODE == _MAP_MMDET:
         size = tl.sqrt((x2 - x1) * (y2 - y1))
@@ -117,6 +118,9 @@ def _level_range(x1, y1, x2, y2, b_valid, canonical_scale, canonical_level, fine
         # NaN (negative or NaN area) survives the clamps as NaN and selects no level.
         lo = tl.where(lvl == lvl, lvl, 0).to(tl.int32)
         return lo, tl.where(b_valid & (lvl == lvl), lo + 1, lo)
+    elif MODE == _PER_LEVEL:
+        # Every level's slice is written, zeros for an invalid batch index (the loads are masked).
+        return 0, NUM_LEVELS
     else:
         return 0, tl.where(b_valid, NUM_LEVELS, 0)
 
@@ -212,6 +216,13 @@ def _image(feat, b, chan, C, H, W, CHANNELS_LAST: tl.constexpr, IDX: tl.constexp
 
 
 @triton.jit
+def _bin_offsets(chan, bins, stride_c, stride_ph, stride_pw, PW: tl.constexpr):
+    """64-bit offsets of the lanes' outputs within one RoI's output (or incoming gradient, of any strides)."""
+    return (chan.to(tl.int64) * stride_c
+            + ((bins // PW).to(tl.int64) * stride_ph + (bins % PW).to(tl.int64) * stride_pw)[:, None])
+
+
+@triton.jit
 def _load_roi(rois_ptr, k, N, ACC: tl.constexpr):
     """Batch index (0 when invalid), its validity, and the corners of RoI k."""
     row = rois_ptr + k * 5
@@ -239,12 +250,11 @@ def _roi_align_fwd_kernel(
     b, b_valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, N, ACC)
     lvl_lo, lvl_hi = _level_range(x1, y1, x2, y2, b_valid, canonical_scale, canonical_level, finest_scale,
                                   K_MIN, NUM_LEVELS, MODE)
-    out = (out_ptr + k * o_stride_k + chan * o_stride_c
-           + ((bins // PW) * o_stride_ph + (bins % PW) * o_stride_pw)[:, None])
+    out = out_ptr + k * o_stride_k + _bin_offsets(chan, bins, o_stride_c, o_stride_ph, o_stride_pw, PW)
     acc = tl.zeros([BLOCK, V], ACC)
     for lvl in range(lvl_lo, lvl_hi):
         feat, H, W, scale = _level(lvl, feats, heights, widths, scales, scales_mid, scales_lo, NUM_LEVELS, ACC)
-        on = (H > 0) & (W > 0)
+        on = b_valid & (H > 0) & (W > 0)
         # tl.where, not &: the interpreter cannot & a scalar from a load with a block.
         level_mask = tl.where(on, lane_mask, False)
         img, pix_stride = _image(feat, b, chan, C, H, W, CHANNELS_LAST, IDX)
@@ -292,8 +302,8 @@ def _scatter(ptrs, value, mask, fixed_scale, FIXED_POINT: tl.constexpr):
         tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
-                 pre_hook=_zero_grads)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY + ["FIXED_POINT"],
+                 prune_configs_by={"early_config_prune": _prune}, pre_hook=_zero_grads)
 @triton.jit
 def _roi_align_bwd_kernel(
     grad_out_ptr, rois_ptr, grads, fixed_scale_ptr, heights, widths, scales, scales_mid, scales_lo,
@@ -311,14 +321,13 @@ def _roi_align_bwd_kernel(
     lvl_lo, lvl_hi = _level_range(x1, y1, x2, y2, b_valid, canonical_scale, canonical_level, finest_scale,
                                   K_MIN, NUM_LEVELS, MODE)
     fixed_scale = tl.load(fixed_scale_ptr).to(ACC) if FIXED_POINT else 1.0
-    grad_out = (grad_out_ptr + k * g_stride_k + chan * g_stride_c
-                + ((bins // PW) * g_stride_ph + (bins % PW) * g_stride_pw)[:, None])
+    grad_out = grad_out_ptr + k * g_stride_k + _bin_offsets(chan, bins, g_stride_c, g_stride_ph, g_stride_pw, PW)
     if MODE != _PER_LEVEL:
         # One incoming gradient for every level: read it once.
         g_all = tl.load(grad_out, mask=tl.where(b_valid, lane_mask, False), other=0.0).to(ACC)
     for lvl in range(lvl_lo, lvl_hi):
         grad, H, W, scale = _level(lvl, grads, heights, widths, scales, scales_mid, scales_lo, NUM_LEVELS, ACC)
-        on = (H > 0) & (W > 0)
+        on = b_valid & (H > 0) & (W > 0)
         level_mask = tl.where(on, lane_mask, False)
         img, pix_stride = _image(grad, b, chan, C, H, W, CHANNELS_LAST, IDX)
         start_h, bin_h, gh, steps_h, first_y = _axis(y1, y2, scale, py, H, on, PH, ALIGNED, SAMPLING, ACC)
@@ -411,7 +420,11 @@ def grid(num_rois: int, channels: int, pooled: int):
     """Launch grid of both kernels: one program per (RoI, chunk of BLOCK lanes), all on grid axis x."""
 
     def size(meta):
-        programs = num_rois * triton.cdiv(triton.cdiv(channels, meta["V"]) * pooled, meta["BLOCK"])
+        lanes = triton.cdiv(channels, meta["V"]) * pooled
+        if lanes >= 2**31:
+            raise ValueError(f"{channels} channels x {pooled} bins per RoI: the kernels index at most 2**31 - 1 "
+                             "lanes per RoI")
+        programs = num_rois * triton.cdiv(lanes, meta["BLOCK"])
         if programs >= 2**31:
             raise ValueError(f"{num_rois} RoIs x {channels} channels x {pooled} bins need {programs} programs; "
                              "one launch holds at most 2**31 - 1: split the RoIs")

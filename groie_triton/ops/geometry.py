@@ -58,11 +58,6 @@ class PoolGeometry:
     def num_levels(self) -> int:
         return len(self.spatial_scales)
 
-    @property
-    def adaptive(self) -> bool:
-        """Samples per bin chosen per RoI (``ceil(roi_size / output_size)``) instead of ``sampling_ratio``."""
-        return self.sampling_ratio <= 0
-
     def output_shape(self, num_rois: int, channels: int) -> tuple[int, ...]:
         """Shape of the pooled output for ``num_rois`` RoIs of ``channels`` channels."""
         ph, pw = self.output_size

@@ -211,6 +211,10 @@ def _roi_align_op(features: list[Tensor], rois: Tensor, scales: list[float], poo
                   finest_scale: float) -> Tensor:
     geometry = _geometry(scales, pooled_height, pooled_width, sampling_ratio, aligned, aggregation, mapping, k_min,
                          canonical_scale, canonical_level, finest_scale)
+    # The public functions check this already; TorchScript and direct torch.ops.groie calls reach the kernels
+    # only through here. Shapes, dtypes and devices: free on the host.
+    features = check_features(features, "features", MAX_LEVELS)
+    check_rois(rois, features[0])
     if backend_for(rois) == "reference":
         return reference.pool_ref(features, rois, geometry)
     return _forward_triton(features, rois, geometry)

@@ -24,12 +24,9 @@ import os
 import pytest
 import torch
 from _gpu_helpers import DRY_RUN, autotuners, clear_autotune_caches
+from groie_triton.kernels import interpreting
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def skip_reason() -> str | None:
@@ -38,7 +35,7 @@ def skip_reason() -> str | None:
         return None
     if not torch.cuda.is_available():
         return "no CUDA device: tests/gpu runs the compiled Triton kernels on a GPU"
-    if _interpreting():
+    if interpreting():
         return ("TRITON_INTERPRET is on (tests/conftest.py defaults it to 1): run "
                 "`TRITON_INTERPRET=0 python -m pytest tests/gpu` (or `make gpu-check`) for the compiled kernels")
     from groie_triton.backend import backend_for

@@ -254,3 +254,27 @@ def test_property_multilevel_matches_per_level_oracle(p, aggregation, levels):
     tol = TOLERANCES[p["dtype"]]
     assert_close_to(out, expected.to(p["dtype"]), p["dtype"], atol=tol["atol"] * levels,
                     rtol=tol["rtol"] * max(1, math.sqrt(levels)))
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "concat", "stack", "mapped"])
+def test_invalid_batch_index_gives_zeros_whatever_the_aggregation(aggregation, monkeypatch):
+    # Every output element must be written: fill fresh outputs with NaN so that a skipped store shows.
+    empty = roi_align_op._empty_output
+    monkeypatch.setattr(roi_align_op, "_empty_output", lambda *a, **kw: empty(*a, **kw).fill_(NAN))
+    feats = [f.requires_grad_() for f in pyramid()]
+    good = random_rois(n=2, image=IMAGE, k=3)
+    rois = torch.cat([good[:1], torch.tensor([[2.0, 1, 1, 30, 30], [NAN, 1, 1, 30, 30]]), good[1:]])
+
+    def pool(r):
+        if aggregation == "mapped":
+            return mapped_roi_align(feats, r, 3, SCALES, mapping="mmdet", finest_scale=8)
+        return multilevel_roi_align(feats, r, 3, SCALES, aggregation=aggregation)
+
+    out, expected = pool(rois), pool(good)
+    roi_dim = 1 if aggregation == "stack" else 0
+    bad = out.narrow(roi_dim, 1, 2)
+    assert torch.equal(bad, torch.zeros_like(bad))
+    assert_close_to(torch.cat([out.narrow(roi_dim, 0, 1), out.narrow(roi_dim, 3, 2)], roi_dim), expected)
+    grads = torch.autograd.grad(out.sum(), feats)
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), feats)):
+        assert_close_to(g, e)

@@ -280,3 +280,15 @@ def test_bad_input_raises_clear_errors(call, error, match):
 def test_version_and_public_api():
     for name in ("roi_align", "RoIAlign", "multilevel_roi_align", "MultiScaleRoIAlign", "backend_for"):
         assert hasattr(groie_triton, name)
+
+
+def test_the_op_checks_rois_even_when_called_without_the_public_function():
+    # TorchScript and direct torch.ops calls skip the public checks; the op itself refuses what would make
+    # the kernels read out of bounds.
+    x = torch.randn(1, 2, 8, 8)
+    args = ([1.0], 2, 2, 2, True, "sum", None, 0, 224.0, 4.0, 56.0)
+    with pytest.raises(ValueError, match=r"rois must have shape \[K, 5\]"):
+        torch.ops.groie.roi_align([x], torch.zeros(3, 4), *args)
+    scripted = torch.jit.script(roi_align)
+    with pytest.raises(Exception, match=r"shape \[K, 5\]"):
+        scripted(x, torch.zeros(3, 4), [2, 2], 1.0, 2, True)
