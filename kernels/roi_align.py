@@ -6,8 +6,9 @@ and bilinear weights once and applies them to its V channels, so geometry costs 
 walked bin-fast (the lanes of a warp sample neighbouring bins of the same channels); channels_last maps
 channel-fast (a warp reads 32*V consecutive channels of one pixel: coalesced, V-wide vector loads).
 
-The level loop is a runtime loop (not unrolled): each pass selects the level's pointer, size and scale from
-scalar arguments, so code size and live registers do not grow with the number of levels. With a fixed
+The level loop is a runtime loop (ptxas keeps it rolled; the AMD backend unrolls it in the all-level modes):
+each pass selects the level's pointer, size and scale from scalar arguments, so code size and live registers
+do not grow with the number of levels. With a fixed
 sampling ratio (SAMPLING > 0, constexpr) the sample loops have constant trip counts and unroll; adaptive
 sampling (SAMPLING == 0) runs bounded runtime loops. MODE says what happens across levels:
 
