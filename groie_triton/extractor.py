@@ -44,7 +44,8 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import MultiScaleRoIAlign as _TorchvisionMultiScaleRoIAlign
 
 from groie_triton.bricks import ConvModule, build_plugin, build_roi_layers
-from groie_triton.ops import boxes_to_rois, level_sum_act, multilevel_roi_align
+from groie_triton.ops import MAX_LEVELS, boxes_to_rois, level_sum_act, multilevel_roi_align
+from groie_triton.ops._checks import check_features
 from groie_triton.poolers import infer_scales, select_features
 
 __all__ = [
@@ -186,15 +187,6 @@ def _groie(feats: Sequence[torch.Tensor], rois: torch.Tensor, output_size: tuple
     return out
 
 
-def _check_feats(feats, name: str) -> list[torch.Tensor]:
-    if isinstance(feats, torch.Tensor) or not isinstance(feats, Sequence):
-        raise TypeError(f"{name} must be a sequence of [N, C, H, W] tensors, one per level")
-    feats = list(feats)
-    if not feats:
-        raise ValueError(f"{name} must hold at least one level")
-    return feats
-
-
 def _check_pre_channels(pre: nn.Module | None, channels: int, key: str) -> None:
     expected = getattr(pre, "in_channels", channels) if pre is not None else channels
     if expected != channels:
@@ -300,7 +292,7 @@ class GenericRoIExtractor(nn.Module):
             ValueError: more levels than ``featmap_strides``, channels that do not match the pre-module or
             ``out_channels`` (for concat: L x the per-level channels).
         """
-        feats = _check_feats(feats, "feats")
+        feats = check_features(feats, "feats", MAX_LEVELS)
         if len(feats) > len(self.featmap_strides):
             raise ValueError(
                 f"featmap_strides has {len(self.featmap_strides)} entries but feats has {len(feats)} levels"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import triton.language as tl
@@ -30,8 +31,9 @@ def pair(output_size, name: str = "output_size") -> tuple[int, int]:
 
 
 def check_features(features, name: str, max_levels: int) -> list[torch.Tensor]:
-    if isinstance(features, torch.Tensor):
-        raise TypeError(f"{name} must be a sequence of [N, C, H, W] tensors, one per level, not one tensor")
+    if isinstance(features, torch.Tensor) or not isinstance(features, Iterable):
+        raise TypeError(f"{name} must be a sequence of [N, C, H, W] tensors, one per level, got "
+                        f"{'one tensor' if isinstance(features, torch.Tensor) else type(features).__name__}")
     features = list(features)
     if not features:
         raise ValueError(f"{name} must hold at least one level")

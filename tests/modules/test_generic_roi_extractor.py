@@ -379,6 +379,21 @@ def test_bad_forward_input_raises(changes, feats, match):
         GenericRoIExtractor(**cfg)(feats, _rois())
 
 
+@pytest.mark.parametrize(
+    "feats, error, match",
+    [
+        (torch.zeros(2, 12, 8, 8), TypeError, "feats must be a sequence .* got one tensor"),
+        (5, TypeError, "feats must be a sequence .* got int"),
+        ([], ValueError, "feats must hold at least one level"),
+        ([torch.zeros(2, 12, 8, 8), torch.zeros(2, 12, 4, 4, dtype=torch.float64)], TypeError,
+         r"feats\[1\] has dtype torch.float64 but level 0 has torch.float32"),
+    ],
+)
+def test_bad_feats_raise_naming_feats(feats, error, match):
+    with pytest.raises(error, match=match):
+        GenericRoIExtractor(**_paper())(feats, _rois())
+
+
 # ------------------------------------------------------------------------------------------- GRoIEPooler
 def test_pooler_equals_the_extractor_with_the_same_weights():
     pooler = GRoIEPooler.from_paper(["p2", "p3", "p4", "p5"], "bbox", CHANNELS).double()
