@@ -120,7 +120,6 @@ def _kernel_args(geometry: PoolGeometry, features: list[torch.Tensor], rois: tor
     """
     f0 = features[0]
     channels = int(f0.shape[1])
-    sampling_ratio = geometry.sampling_ratio
     args = dict(
         rois_ptr=rois,
         heights=tuple(int(f.shape[2]) for f in features),
@@ -130,7 +129,7 @@ def _kernel_args(geometry: PoolGeometry, features: list[torch.Tensor], rois: tor
         canonical_scale=float(geometry.canonical_scale), canonical_level=float(geometry.canonical_level),
         finest_scale=float(geometry.finest_scale),
         PH=geometry.pooled_height, PW=geometry.pooled_width, NUM_LEVELS=len(features), MODE=_mode(geometry),
-        K_MIN=int(geometry.k_min), ALIGNED=bool(geometry.aligned), SAMPLING=max(int(sampling_ratio), 0),
+        K_MIN=int(geometry.k_min), ALIGNED=bool(geometry.aligned), SAMPLING=max(int(geometry.sampling_ratio), 0),
         CHANNELS_LAST=channels_last, INDEX64=any(math.prod(f.shape[1:]) >= 2**31 for f in features),
         ACC=tl_acc_dtype(f0.dtype), enable_fp_fusion=True,
     )
@@ -160,7 +159,9 @@ def _forward_triton(features: list[torch.Tensor], rois: torch.Tensor, geometry: 
 
 def _backward_triton(grad: torch.Tensor, rois: torch.Tensor, features: list[torch.Tensor],
                      geometry: PoolGeometry) -> list[torch.Tensor]:
-    features, channels_last = _layout(features)
+    # The backward reads no feature values: only shapes, dtype and the layout its gradients are laid out in
+    # (no contiguous copy of the pyramid, which _layout makes for other strides).
+    channels_last = _layout_is_channels_last(features[0])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     num_rois, channels = rois.shape[0], features[0].shape[1]
     ph, pw = geometry.output_size
