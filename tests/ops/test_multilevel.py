@@ -202,6 +202,20 @@ def test_torch_compile_fullgraph_multilevel():
                                atol=0, rtol=0)
 
 
+def test_torch_compile_dynamic_mapped_with_scales_as_arguments():
+    # dynamic=True traces the scales as symbolic floats; the torchvision mapping derives k_min from the first
+    # one on the host. Each new scale must give eager's result (a guard, not a stale k_min).
+    rois = torch.tensor([[0.0, 0, 0, 20, 20], [0, 1, 1, 60, 60], [0, 2, 3, 9, 7]])
+
+    def f(feats, rois, s0, s1):
+        return mapped_roi_align(feats, rois, 2, [s0, s1], 2, False, canonical_scale=32, canonical_level=2)
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for scales in ((0.25, 0.125), (0.5, 0.25)):
+        feats = [torch.rand(1, 4, 16, 16), torch.rand(1, 4, 8, 8)]
+        torch.testing.assert_close(compiled(feats, rois, *scales), f(feats, rois, *scales), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
