@@ -20,7 +20,7 @@ from typing import Any
 from groie_triton.detection.config import PRESETS, DetectionError, TrainConfig
 from groie_triton.detection.data import DATASETS
 from groie_triton.detection.evaluation import evaluate
-from groie_triton.detection.experiments import SYSTEMS, paper_experiment, paper_table
+from groie_triton.detection.experiments import EXTRACTOR_ORDER, SYSTEMS, paper_experiment, paper_table
 from groie_triton.detection.models import BACKBONES, EXTRACTORS, MODELS, NORMS, ModelConfig
 from groie_triton.detection.parity_check import QUICK_TEST_TIME, QUICK_TRAIN, parity
 from groie_triton.detection.training import train
@@ -130,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--seeds", type=int, nargs="+", help="several seeds, each a full pair (overrides --seed)")
     x.add_argument("--resume", action="store_true", help="the default: skip finished runs, continue interrupted ones")
     x.add_argument("--restart", action="store_true", help="retrain every selected run from scratch")
+    x.add_argument(
+        "--extractors", nargs="+", choices=EXTRACTOR_ORDER, default=list(EXTRACTOR_ORDER),
+        help="arms to train (default both); e.g. one process per arm: a pair's tables are written when both finished",
+    )
     _common(x)
     return parser
 
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 resume=not args.restart,
                 progress=not args.no_progress,
+                extractors=args.extractors,
             )
             print(paper_table(result))
     except (DetectionError, ValueError) as exc:

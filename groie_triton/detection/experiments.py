@@ -74,6 +74,7 @@ def experiment(
     device: str = "cpu",
     resume: bool = True,
     progress: bool = True,
+    extractors: tuple[str, ...] | list[str] = EXTRACTOR_ORDER,
 ) -> dict[str, Any]:
     """Train and evaluate the baseline and GRoIE ``model`` with the same seed, data and schedule.
 
@@ -83,7 +84,15 @@ def experiment(
     and continues one from its ``last.pt``; ``resume=False`` trains both from scratch. Raises KeyError for
     an unknown ``preset``, CheckpointError when a checkpoint to resume holds another configuration, plus what
     :func:`train` and :func:`evaluate` raise.
+
+    ``extractors``: the arms this call trains (default both). The other arm is read from its ``result.json``
+    when it has finished (same configuration), so the two arms of a pair can run in two processes at once;
+    the pair's ``results.{json,md}`` are written by whichever call finds both finished. Until then the
+    returned dict has ``"complete": False`` and the arms that are done under ``"runs"``.
     """
+    unknown = [e for e in extractors if e not in EXTRACTOR_ORDER]
+    if unknown or not extractors:
+        raise ValueError(f"extractors must be a non-empty subset of {EXTRACTOR_ORDER}, got {list(extractors)}")
     out_dir = Path(out_dir)
     n_eval = eval_images or PRESETS[preset]["eval_images"]
     rows = []
@@ -91,7 +100,9 @@ def experiment(
         mcfg, tcfg = _configs(model, gcnet, extractor, preset, iterations, seed)
         run_dir = out_dir / extractor
         fingerprint = canonical({"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "eval_images": n_eval})
-        row = _finished(run_dir, fingerprint) if resume else None
+        row = _finished(run_dir, fingerprint) if resume or extractor not in extractors else None
+        if row is None and extractor not in extractors:
+            continue  # the other process's arm, not finished yet
         if row is None:
             summary = train(
                 mcfg, tcfg, run_dir, device=device, resume=resume and (run_dir / "last.pt").is_file(), progress=progress
@@ -109,6 +120,9 @@ def experiment(
             }
             (run_dir / "result.json").write_text(json.dumps(row, indent=2))
         rows.append(row)
+    if len(rows) < len(EXTRACTOR_ORDER):
+        return {"model": model, "gcnet": gcnet, "seed": seed, "complete": False,
+                "runs": [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows]}
     results = {
         "model": model,
         "gcnet": gcnet,
@@ -164,10 +178,12 @@ def paper_experiment(
     device: str = "cpu",
     resume: bool = True,
     progress: bool = True,
+    extractors: tuple[str, ...] | list[str] = EXTRACTOR_ORDER,
 ) -> dict[str, Any]:
     """Run :func:`experiment` for every system (keys of :data:`SYSTEMS`) and seed, in ``out_dir/SYSTEM/seedS``,
     then write ``out_dir/results.json`` and ``results.md``: every pair on disk (also those of earlier calls),
-    in the paper's layout (:func:`paper_table`). Returns the collected results. Raises ValueError for an
+    in the paper's layout (:func:`paper_table`); ``extractors`` as :func:`experiment` (pairs with an arm still
+    running elsewhere are left out of the table). Returns the collected results. Raises ValueError for an
     unknown system or no seed, plus what :func:`experiment` raises.
     """
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -190,6 +206,7 @@ def paper_experiment(
                 device=device,
                 resume=resume,
                 progress=progress,
+                extractors=extractors,
             )
     command = f"python -m groie_triton.detection experiment --out {out_dir}"
     command += " --quick" if preset == "quick" else ""

@@ -319,6 +319,32 @@ def test_experiment_skips_finished_runs_and_collects_them(tmp_path, monkeypatch)
         experiments.paper_experiment(tmp_path, systems=["retinanet"])
 
 
+def test_experiment_arms_in_two_processes_write_the_pair_once_both_finished(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(mcfg, tcfg, run_dir, **kw):
+        calls.append(mcfg.extractor)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return {"total_seconds": 2.0, "history": [{"loss": 1.0}]}
+
+    monkeypatch.setattr(experiments, "train", fake_train)
+    monkeypatch.setattr(experiments, "evaluate", lambda path, **kw: {"seconds": 1.0, "metrics": {"bbox_AP": 5.0}})
+    kw = dict(systems=["faster_rcnn"], seeds=[1], preset="quick", eval_images=2, progress=False)
+    # The GRoIE arm finishes first: no pair yet, the table still says "not run yet".
+    collected = experiments.paper_experiment(tmp_path, **kw, extractors=["groie"])
+    assert calls == ["groie"] and collected["systems"] == {}
+    assert not (tmp_path / "faster_rcnn" / "seed1" / "results.json").exists()
+    assert "| Faster R-CNN | baseline / + GRoIE | not run yet |" in (tmp_path / "results.md").read_text()
+    # The baseline's process then finds the GRoIE result and writes the pair, without retraining it.
+    collected = experiments.paper_experiment(tmp_path, **kw, extractors=["baseline"])
+    assert calls == ["groie", "baseline"]
+    assert [r["extractor"] for r in collected["systems"]["faster_rcnn"][0]["runs"]] == ["baseline", "groie"]
+    args = _parser().parse_args(["experiment", "--extractors", "groie"])
+    assert args.extractors == ["groie"] and _parser().parse_args(["experiment"]).extractors == ["baseline", "groie"]
+    with pytest.raises(ValueError, match="extractors must be"):
+        experiments.experiment(tmp_path, extractors=["roipool"])
+
+
 def test_experiment_cli_system_selection():
     parse = _parser().parse_args
     assert _experiment_systems(parse(["experiment"])) == ["faster_rcnn", "grid_rcnn", "mask_rcnn", "gcnet"]
