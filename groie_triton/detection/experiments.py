@@ -95,14 +95,16 @@ def experiment(
         raise ValueError(f"extractors must be a non-empty subset of {EXTRACTOR_ORDER}, got {list(extractors)}")
     out_dir = Path(out_dir)
     n_eval = eval_images or PRESETS[preset]["eval_images"]
-    rows = []
+    done: dict[str, dict[str, Any]] = {}
+    fingerprints = {}
     for extractor in EXTRACTOR_ORDER:
         mcfg, tcfg = _configs(model, gcnet, extractor, preset, iterations, seed)
         run_dir = out_dir / extractor
         fingerprint = canonical({"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "eval_images": n_eval})
-        row = _finished(run_dir, fingerprint) if resume or extractor not in extractors else None
-        if row is None and extractor not in extractors:
-            continue  # the other process's arm, not finished yet
+        fingerprints[extractor] = fingerprint
+        if extractor not in extractors:
+            continue  # another process's arm: read once this call's arms are done (below)
+        row = _finished(run_dir, fingerprint) if resume else None
         if row is None:
             summary = train(
                 mcfg, tcfg, run_dir, device=device, resume=resume and (run_dir / "last.pt").is_file(), progress=progress
@@ -119,7 +121,11 @@ def experiment(
                 "fingerprint": fingerprint,
             }
             (run_dir / "result.json").write_text(json.dumps(row, indent=2))
-        rows.append(row)
+        done[extractor] = row
+    for extractor in EXTRACTOR_ORDER:
+        if extractor not in done and (row := _finished(out_dir / extractor, fingerprints[extractor])) is not None:
+            done[extractor] = row
+    rows = [done[e] for e in EXTRACTOR_ORDER if e in done]
     if len(rows) < len(EXTRACTOR_ORDER):
         return {"model": model, "gcnet": gcnet, "seed": seed, "complete": False,
                 "runs": [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows]}

@@ -343,6 +343,18 @@ def test_experiment_arms_in_two_processes_write_the_pair_once_both_finished(tmp_
     assert args.extractors == ["groie"] and _parser().parse_args(["experiment"]).extractors == ["baseline", "groie"]
     with pytest.raises(ValueError, match="extractors must be"):
         experiments.experiment(tmp_path, extractors=["roipool"])
+    # The other arm finishing while this call trains (the usual case: started together) is found at the end.
+    pair = dict(model="faster_rcnn", preset="quick", eval_images=2, seed=2, progress=False)
+
+    def train_groie_while_baseline_finishes(mcfg, tcfg, run_dir, **kw):
+        if mcfg.extractor == "groie":
+            experiments.experiment(run_dir.parent, **pair, extractors=["baseline"])
+        return fake_train(mcfg, tcfg, run_dir, **kw)
+
+    monkeypatch.setattr(experiments, "train", train_groie_while_baseline_finishes)
+    results = experiments.experiment(tmp_path / "seed2", **pair, extractors=["groie"])
+    assert "complete" not in results and [r["extractor"] for r in results["runs"]] == ["baseline", "groie"]
+    assert (tmp_path / "seed2" / "results.json").is_file()
 
 
 def test_experiment_cli_system_selection():
