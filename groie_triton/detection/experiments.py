@@ -125,10 +125,9 @@ def experiment(
     for extractor in EXTRACTOR_ORDER:
         if extractor not in done and (row := _finished(out_dir / extractor, fingerprints[extractor])) is not None:
             done[extractor] = row
-    rows = [done[e] for e in EXTRACTOR_ORDER if e in done]
-    if len(rows) < len(EXTRACTOR_ORDER):
-        return {"model": model, "gcnet": gcnet, "seed": seed, "complete": False,
-                "runs": [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows]}
+    runs = [{k: v for k, v in done[e].items() if k != "fingerprint"} for e in EXTRACTOR_ORDER if e in done]
+    if len(runs) < len(EXTRACTOR_ORDER):
+        return {"model": model, "gcnet": gcnet, "seed": seed, "complete": False, "runs": runs}
     results = {
         "model": model,
         "gcnet": gcnet,
@@ -139,7 +138,7 @@ def experiment(
         "eval_images": n_eval,
         "device": device,
         "torch": torch.__version__,
-        "runs": [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows],
+        "runs": runs,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
